@@ -1,0 +1,28 @@
+"""`nfdm-de`: the Typer application. Each command lives in its own module and registers here."""
+
+import typer
+
+app = typer.Typer(
+    name="nfdm-de",
+    help="Neural Flow Diffusion Models: train, sample, and measure likelihoods.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def main() -> None:
+    """Neural Flow Diffusion Models in JAX."""
+
+
+@app.command()
+def version() -> None:
+    """Print the nfdm-de version."""
+    import nfdm_de
+
+    typer.echo(nfdm_de.__version__)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,13 @@
+"""One home for the type vocabulary used across nfdm-de.
+
+Library functions work on *one example*: `Data` is a single data point of any shape
+(a vector `(D,)` or an image `(H, W, C)`), and `Time` a scalar in `[0, 1]` with t = 0 the data
+end and t = 1 the noise end. Batches are handled by `jax.vmap` at the call sites.
+"""
+
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+Data = Float[Array, "*shape"]
+Time = Float[ArrayLike, ""]
+Scalar = Float[Array, ""]
+Key = PRNGKeyArray

@@ -1,0 +1,243 @@
+"""Forward (noising) processes: z_t = F(eps, t, x), invertible in eps.
+
+The hierarchy follows Equinox's abstract/final pattern:
+
+    AbstractForwardProcess                  generic: velocity and score by autodiff
+    └── AbstractGaussianForwardProcess      F = mu + sigma * eps: closed forms
+        ├── NeuralGaussian                  learnable (NFDM)
+        ├── LinearInterpolant               fixed flow-matching path
+        ├── VariancePreserving              fixed cosine VP path
+        └── LearnedSchedule                 learned monotone time warp of the VP path (VDM-style)
+
+Every process satisfies the boundary conditions F(eps, 0, x) = x + delta * eps and
+F(eps, 1, x) = eps by construction.
+"""
+
+import abc
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array
+
+from ._custom_types import Data, Key, Scalar, Time
+from ._nn import MonotoneUnitInterval, TimeConditionedMLP
+
+
+def _standard_normal_log_prob(eps: Array) -> Array:
+    return -0.5 * jnp.sum(eps**2) - 0.5 * eps.size * math.log(2 * math.pi)
+
+
+def _check_delta(delta: float) -> None:
+    if not (isinstance(delta, int | float) and 0.0 < delta < 1.0):
+        raise ValueError(
+            f"`delta` must be a float in (0, 1) (the noise scale at t = 0); got {delta!r}."
+        )
+
+
+class AbstractForwardProcess(eqx.Module):
+    """A forward process q(z_t | x) defined as the push-forward of N(0, I) through F(., t, x).
+
+    A subclass defines `transform` (F), `inverse` (F^{-1}) and `log_det_inverse`; velocity and
+    score then follow by autodiff. Subclasses with closed forms override `velocity_and_score` for
+    speed (as the Gaussian family does).
+
+    All methods act on one example: `z`, `eps` and `x` share one shape; `t` is a scalar.
+    """
+
+    delta: eqx.AbstractVar[float]
+
+    @abc.abstractmethod
+    def transform(self, eps: Data, t: Time, x: Data) -> Data:
+        """z = F(eps, t, x). Must satisfy F(eps, 0, x) = x + delta * eps and F(eps, 1, x) = eps."""
+
+    @abc.abstractmethod
+    def inverse(self, z: Data, t: Time, x: Data) -> Data:
+        """eps = F^{-1}(z, t, x)."""
+
+    @abc.abstractmethod
+    def log_det_inverse(self, z: Data, t: Time, x: Data) -> Scalar:
+        """log |det dF^{-1}/dz| at (z, t, x)."""
+
+    def log_prob(self, z: Data, t: Time, x: Data) -> Scalar:
+        """log q(z_t = z | x) = log N(F^{-1}(z); 0, I) + log |det dF^{-1}/dz|."""
+        return _standard_normal_log_prob(self.inverse(z, t, x)) + self.log_det_inverse(z, t, x)
+
+    def sample(self, key: Key, t: Time, x: Data) -> Data:
+        """Draw z_t ~ q(z_t | x)."""
+        return self.transform(jr.normal(key, x.shape, x.dtype), t, x)
+
+    def velocity(self, z: Data, t: Time, x: Data) -> Data:
+        """Conditional ODE drift f(z, t, x) = dF/dt at eps = F^{-1}(z, t, x)."""
+        return self.velocity_and_score(z, t, x)[0]
+
+    def score(self, z: Data, t: Time, x: Data) -> Data:
+        """Conditional score grad_z log q(z | x)."""
+        return self.velocity_and_score(z, t, x)[1]
+
+    def velocity_and_score(self, z: Data, t: Time, x: Data) -> tuple[Data, Data]:
+        """Both conditional fields at once (override for speed where closed forms exist)."""
+        t = jnp.asarray(t, z.dtype)
+        eps = self.inverse(z, t, x)
+        _, velocity = jax.jvp(lambda s: self.transform(eps, s, x), (t,), (jnp.ones_like(t),))
+        score = jax.grad(self.log_prob)(z, t, x)
+        return velocity, score
+
+    def backward_drift(self, z: Data, t: Time, x: Data, g: Scalar) -> Data:
+        """f^B = f - g^2/2 * s: the drift of the reverse-time conditional SDE."""
+        velocity, score = self.velocity_and_score(z, t, x)
+        return velocity - 0.5 * g**2 * score
+
+
+class AbstractGaussianForwardProcess(AbstractForwardProcess):
+    """F(eps, t, x) = mu(x, t) + sigma(x, t) * eps, with closed-form velocity and score.
+
+    A subclass defines `mean_and_log_scale(x, t) -> (mu, log_sigma)`, both shaped like `x`, with
+    mu(x, 0) = x, log_sigma(x, 0) = log(delta), mu(x, 1) = 0 and log_sigma(x, 1) = 0.
+    """
+
+    @abc.abstractmethod
+    def mean_and_log_scale(self, x: Data, t: Time) -> tuple[Data, Data]:
+        """(mu(x, t), log sigma(x, t)) of the Gaussian marginal q(z_t | x)."""
+
+    def _moments_and_rates(self, x: Data, t: Time) -> tuple[Data, Data, Data, Data]:
+        # One forward-mode pass gives the moments and their time derivatives together.
+        t = jnp.asarray(t, x.dtype)
+        (mu, log_sigma), (dmu, dlog_sigma) = jax.jvp(
+            lambda s: self.mean_and_log_scale(x, s), (t,), (jnp.ones_like(t),)
+        )
+        return mu, log_sigma, dmu, dlog_sigma
+
+    def transform(self, eps: Data, t: Time, x: Data) -> Data:
+        mu, log_sigma = self.mean_and_log_scale(x, t)
+        return mu + jnp.exp(log_sigma) * eps
+
+    def inverse(self, z: Data, t: Time, x: Data) -> Data:
+        mu, log_sigma = self.mean_and_log_scale(x, t)
+        return (z - mu) * jnp.exp(-log_sigma)
+
+    def log_det_inverse(self, z: Data, t: Time, x: Data) -> Scalar:
+        _, log_sigma = self.mean_and_log_scale(x, t)
+        return -jnp.sum(jnp.broadcast_to(log_sigma, z.shape))
+
+    def velocity_and_score(self, z: Data, t: Time, x: Data) -> tuple[Data, Data]:
+        mu, log_sigma, dmu, dlog_sigma = self._moments_and_rates(x, t)
+        velocity = dmu + dlog_sigma * (z - mu)
+        score = -(z - mu) * jnp.exp(-2 * log_sigma)
+        return velocity, score
+
+
+def _linear_log_scale(t: Array, delta: float) -> Array:
+    """log of the linear schedule sigma(t) = t + (1 - t) * delta."""
+    return jnp.log(t + (1 - t) * delta)
+
+
+class LinearInterpolant(AbstractGaussianForwardProcess):
+    """The fixed flow-matching path: mu = (1 - t) x, sigma = t + (1 - t) delta."""
+
+    delta: float = 0.01
+
+    def __check_init__(self):
+        _check_delta(self.delta)
+
+    def mean_and_log_scale(self, x: Data, t: Time) -> tuple[Data, Data]:
+        t = jnp.asarray(t, x.dtype)
+        return (1 - t) * x, jnp.broadcast_to(_linear_log_scale(t, self.delta), x.shape)
+
+
+def _vp_moments(h: Array, x: Array, delta: float) -> tuple[Array, Array]:
+    """Cosine variance-preserving moments at warped time h in [0, 1].
+
+    alpha = cos(pi h / 2) and sigma^2 = 1 - (1 - delta^2) alpha^2, so that sigma(0) = delta and
+    sigma(1) = 1 exactly, and alpha^2 + sigma^2 = 1 + delta^2 alpha^2 (variance preserving up to
+    delta^2).
+    """
+    alpha = jnp.cos(0.5 * math.pi * h)
+    sigma_sq = 1 - (1 - delta**2) * alpha**2
+    return alpha * x, jnp.broadcast_to(0.5 * jnp.log(sigma_sq), x.shape)
+
+
+class VariancePreserving(AbstractGaussianForwardProcess):
+    """A fixed cosine variance-preserving path (see `_vp_moments`)."""
+
+    delta: float = 0.01
+
+    def __check_init__(self):
+        _check_delta(self.delta)
+
+    def mean_and_log_scale(self, x: Data, t: Time) -> tuple[Data, Data]:
+        return _vp_moments(jnp.asarray(t, x.dtype), x, self.delta)
+
+
+class LearnedSchedule(AbstractGaussianForwardProcess):
+    """A learned, data-independent noise schedule (VDM-style).
+
+    The cosine VP path run on a learned monotone clock h(t) with h(0) = 0 and h(1) = 1; the
+    signal-to-noise ratio is therefore monotone in t, and initialisation gives h(t) = t, i.e. the
+    `VariancePreserving` baseline.
+    """
+
+    clock: MonotoneUnitInterval
+    delta: float = 0.01
+
+    def __init__(self, *, delta: float = 0.01, hidden: int = 16, key: Key):
+        _check_delta(delta)
+        self.delta = delta
+        self.clock = MonotoneUnitInterval(hidden=hidden, key=key)
+
+    def mean_and_log_scale(self, x: Data, t: Time) -> tuple[Data, Data]:
+        h = self.clock(jnp.asarray(t, x.dtype))
+        return _vp_moments(h.astype(x.dtype), x, self.delta)
+
+
+class NeuralGaussian(AbstractGaussianForwardProcess):
+    """The learnable Gaussian forward process of NFDM.
+
+        mu        = (1 - t) x + t (1 - t) NN_mu(x, t)
+        log sigma = log(t + (1 - t) delta) + t (1 - t) NN_sigma(x, t)
+
+    The t(1 - t) gate switches the network off at both ends, so the boundary conditions hold
+    exactly. The network's output layer is zero-initialised: training starts at the linear
+    interpolant and moves away only where that lowers the loss (DESIGN §2.1).
+
+    `network` maps (x, t) to an array shaped like `x` but with twice the last axis: the mean
+    correction then the log-scale correction, concatenated on the last axis.
+    """
+
+    network: eqx.Module
+    delta: float = 0.01
+
+    def __check_init__(self):
+        _check_delta(self.delta)
+
+    def mean_and_log_scale(self, x: Data, t: Time) -> tuple[Data, Data]:
+        t = jnp.asarray(t, x.dtype)
+        out = self.network(x, t)
+        expected = (*x.shape[:-1], 2 * x.shape[-1])
+        if out.shape != expected:
+            raise ValueError(
+                f"NeuralGaussian network must return shape {expected} (mean and log-scale "
+                f"corrections for data of shape {x.shape}); it returned {out.shape}."
+            )
+        mean_correction, log_scale_correction = jnp.split(out, 2, axis=-1)
+        gate = t * (1 - t)
+        mu = (1 - t) * x + gate * mean_correction
+        log_sigma = _linear_log_scale(t, self.delta) + gate * log_scale_correction
+        return mu, log_sigma
+
+
+def neural_gaussian(
+    data_size: int,
+    *,
+    width: int = 128,
+    depth: int = 3,
+    delta: float = 0.01,
+    key: Key,
+) -> NeuralGaussian:
+    """A `NeuralGaussian` with the reference MLP (zero-initialised output layer) for vectors."""
+    network = TimeConditionedMLP(
+        data_size, 2 * data_size, width=width, depth=depth, zero_init_output=True, key=key
+    )
+    return NeuralGaussian(network=network, delta=delta)

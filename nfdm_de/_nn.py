@@ -1,0 +1,160 @@
+"""Reference networks: time features, an MLP conditioned on time, the x_hat predictor."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float
+
+from ._custom_types import Data, Key, Scalar, Time
+
+
+class FourierTimeFeatures(eqx.Module):
+    """t -> [t, sin(2 pi f_k t), cos(2 pi f_k t)] with fixed geometric frequencies f_k.
+
+    Fixed (not learned) so that the features of t = 0 and t = 1 stay well separated; geometric
+    frequencies give the networks both slow and fast functions of time.
+    """
+
+    frequencies: Float[Array, " num_frequencies"]
+
+    def __init__(self, num_frequencies: int = 8, max_frequency: float = 16.0):
+        if num_frequencies < 1:
+            raise ValueError(f"`num_frequencies` must be >= 1; got {num_frequencies}.")
+        self.frequencies = jnp.geomspace(0.5, max_frequency, num_frequencies)
+
+    @property
+    def size(self) -> int:
+        return 1 + 2 * self.frequencies.shape[0]
+
+    def __call__(self, t: Time) -> Float[Array, " features"]:
+        t = jnp.asarray(t)
+        freqs = jax.lax.stop_gradient(self.frequencies).astype(t.dtype)
+        angles = 2 * math.pi * freqs * t
+        return jnp.concatenate([t[None], jnp.sin(angles), jnp.cos(angles)])
+
+
+class TimeConditionedMLP(eqx.Module):
+    """An MLP on vectors: (x, t) -> y, with Fourier time features concatenated to the input and
+    added to every hidden layer (so time information does not wash out with depth)."""
+
+    time_features: FourierTimeFeatures
+    layers: tuple[eqx.nn.Linear, ...]
+    time_projections: tuple[eqx.nn.Linear, ...]
+    output: eqx.nn.Linear
+    in_size: int = eqx.field(static=True)
+    out_size: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_size: int,
+        out_size: int,
+        *,
+        width: int = 128,
+        depth: int = 3,
+        num_frequencies: int = 8,
+        zero_init_output: bool = False,
+        key: Key,
+    ):
+        for name, value in (("in_size", in_size), ("out_size", out_size), ("width", width)):
+            if value < 1:
+                raise ValueError(f"`{name}` must be a positive integer; got {value}.")
+        if depth < 1:
+            raise ValueError(f"`depth` (number of hidden layers) must be >= 1; got {depth}.")
+        self.in_size = in_size
+        self.out_size = out_size
+        self.time_features = FourierTimeFeatures(num_frequencies)
+        keys = jr.split(key, 2 * depth + 1)
+        sizes = [in_size + self.time_features.size] + [width] * depth
+        self.layers = tuple(
+            eqx.nn.Linear(sizes[i], sizes[i + 1], key=keys[i]) for i in range(depth)
+        )
+        self.time_projections = tuple(
+            eqx.nn.Linear(self.time_features.size, width, use_bias=False, key=keys[depth + i])
+            for i in range(depth)
+        )
+        output = eqx.nn.Linear(width, out_size, key=keys[-1])
+        if zero_init_output:
+            output = eqx.tree_at(
+                lambda layer: (layer.weight, layer.bias),
+                output,
+                (jnp.zeros_like(output.weight), jnp.zeros_like(output.bias)),
+            )
+        self.output = output
+
+    def __call__(self, x: Float[Array, " in_size"], t: Time) -> Float[Array, " out_size"]:
+        if x.shape != (self.in_size,):
+            raise ValueError(
+                f"TimeConditionedMLP expects a vector of shape ({self.in_size},); got {x.shape}."
+            )
+        features = self.time_features(jnp.asarray(t, x.dtype))
+        h = jnp.concatenate([x, features])
+        for layer, projection in zip(self.layers, self.time_projections, strict=True):
+            h = jax.nn.silu(layer(h) + projection(features))
+        return self.output(h)
+
+
+class Predictor(eqx.Module):
+    """The data predictor x_hat(z, t) = (1 - t) z + (t + delta) NN(z, t).
+
+    The skip connection makes the prediction exact up to O(delta) at t = 0, where z_0 = x +
+    delta * eps: the network then only has to supply a delta-sized correction (its optimum is
+    -eps), while near t = 1 it carries the whole prediction.
+    """
+
+    network: eqx.Module
+    delta: float = 0.01
+
+    def __check_init__(self):
+        if not (isinstance(self.delta, int | float) and 0.0 < self.delta < 1.0):
+            raise ValueError(f"`delta` must be a float in (0, 1); got {self.delta!r}.")
+
+    def __call__(self, z: Data, t: Time) -> Data:
+        t = jnp.asarray(t, z.dtype)
+        out = self.network(z, t)
+        if out.shape != z.shape:
+            raise ValueError(
+                f"Predictor network must return the data's shape {z.shape}; got {out.shape}."
+            )
+        return (1 - t) * z + (t + self.delta) * out
+
+
+def mlp_predictor(
+    data_size: int, *, width: int = 128, depth: int = 3, delta: float = 0.01, key: Key
+) -> Predictor:
+    """The reference predictor for vectors: `Predictor` around a `TimeConditionedMLP`."""
+    network = TimeConditionedMLP(data_size, data_size, width=width, depth=depth, key=key)
+    return Predictor(network=network, delta=delta)
+
+
+class MonotoneUnitInterval(eqx.Module):
+    """A learned increasing bijection h of [0, 1] with h(0) = 0 and h(1) = 1 exactly.
+
+    h(t) = (m(t) - m(0)) / (m(1) - m(0)) with m(t) = t + sum_k w_k sigmoid(a_k (t - c_k)) and
+    w_k, a_k > 0, so m is strictly increasing. The w_k start near zero: h(t) ~= t at
+    initialisation.
+    """
+
+    raw_weights: Float[Array, " hidden"]
+    raw_slopes: Float[Array, " hidden"]
+    centres: Float[Array, " hidden"]
+
+    def __init__(self, hidden: int = 16, *, key: Key):
+        if hidden < 1:
+            raise ValueError(f"`hidden` must be >= 1; got {hidden}.")
+        self.raw_weights = jnp.full((hidden,), -6.0)
+        self.raw_slopes = jnp.full((hidden,), math.log(math.expm1(8.0)))
+        self.centres = jr.uniform(key, (hidden,))
+
+    def _unnormalised(self, t: Array) -> Array:
+        weights = jax.nn.softplus(self.raw_weights).astype(t.dtype)
+        slopes = jax.nn.softplus(self.raw_slopes).astype(t.dtype)
+        return t + jnp.sum(weights * jax.nn.sigmoid(slopes * (t - self.centres.astype(t.dtype))))
+
+    def __call__(self, t: Time) -> Scalar:
+        t = jnp.asarray(t)
+        m0 = self._unnormalised(jnp.zeros_like(t))
+        m1 = self._unnormalised(jnp.ones_like(t))
+        return (self._unnormalised(t) - m0) / (m1 - m0)
