@@ -85,6 +85,17 @@ class AbstractForwardProcess(eqx.Module):
         score = jax.grad(self.log_prob)(z, t, x)
         return velocity, score
 
+    def transform_and_fields(self, eps: Data, t: Time, x: Data) -> tuple[Data, Data, Data]:
+        """(z, f(z, t, x), s(z, t, x)) at z = F(eps, t, x), sharing work between the three.
+
+        Cheaper than `transform` followed by `velocity_and_score`: the velocity is the tangent of
+        the same forward-mode pass that computes z, and no inverse is needed.
+        """
+        t = jnp.asarray(t, eps.dtype)
+        z, velocity = jax.jvp(lambda s: self.transform(eps, s, x), (t,), (jnp.ones_like(t),))
+        score = jax.grad(self.log_prob)(z, t, x)
+        return z, velocity, score
+
     def backward_drift(self, z: Data, t: Time, x: Data, g: Scalar) -> Data:
         """f^B = f - g^2/2 * s: the drift of the reverse-time conditional SDE."""
         velocity, score = self.velocity_and_score(z, t, x)
@@ -127,6 +138,12 @@ class AbstractGaussianForwardProcess(AbstractForwardProcess):
         velocity = dmu + dlog_sigma * (z - mu)
         score = -(z - mu) * jnp.exp(-2 * log_sigma)
         return velocity, score
+
+    def transform_and_fields(self, eps: Data, t: Time, x: Data) -> tuple[Data, Data, Data]:
+        mu, log_sigma, dmu, dlog_sigma = self._moments_and_rates(x, t)
+        sigma = jnp.exp(log_sigma)
+        z = mu + sigma * eps
+        return z, dmu + dlog_sigma * sigma * eps, -eps / sigma
 
 
 def _linear_log_scale(t: Array, delta: float) -> Array:

@@ -64,6 +64,17 @@ def test_score_is_gradient_of_log_density(forward, getkey, t):
     )
 
 
+@pytest.mark.parametrize("t", TIMES)
+def test_transform_and_fields_agrees_with_separate_calls(forward, getkey, t):
+    x, eps = _point(getkey())
+    z, velocity, score = forward.transform_and_fields(eps, t, x)
+    assert max_abs(z, forward.transform(eps, t, x)) < IDENTITY_TOL
+    v_ref, s_ref = forward.velocity_and_score(z, t, x)
+    scale = 1 + float(jnp.max(jnp.abs(s_ref)))
+    assert max_abs(velocity, v_ref) < IDENTITY_TOL * scale
+    assert max_abs(score, s_ref) < IDENTITY_TOL * scale
+
+
 def test_log_prob_matches_change_of_variables(forward, getkey):
     # An independent route: log q(z) = log N(eps) - log|det dF/deps|, with the Jacobian of F
     # in eps computed densely by autodiff.

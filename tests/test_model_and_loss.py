@@ -49,7 +49,8 @@ def test_diffusion_term_vanishes_for_the_true_predictor(name, volatility, getkey
     model = nd.NFDM(forward, OraclePredictor(x), volatility, data_shape=(DATA_SIZE,))
     for t in (0.05, 0.5, 0.95):
         breakdown = nd.example_loss(model, x, t, jr.normal(getkey(), (DATA_SIZE,)))
-        assert float(breakdown.diffusion) == 0.0
+        # Rounding only: the two sides are computed by different routes (with and without F^{-1}).
+        assert float(breakdown.diffusion) < IDENTITY_TOL**2
 
 
 @pytest.mark.parametrize("name", ["neural-gaussian", "linear", "vp", "learned-schedule"])
