@@ -27,6 +27,11 @@ from ._nn import (
     TimeConditionedMLP as TimeConditionedMLP,
     mlp_predictor as mlp_predictor,
 )
+from ._unet import (
+    UNet as UNet,
+    unet_neural_gaussian as unet_neural_gaussian,
+    unet_predictor as unet_predictor,
+)
 from ._volatility import (
     AbstractVolatility as AbstractVolatility,
     ConstantVolatility as ConstantVolatility,
