@@ -10,8 +10,8 @@ Layout, for `channel_mults = (m_0, ..., m_{L-1})` and `c_i = base_channels * m_i
               -> middle ResBlock
               -> [upsample, concat skip_i, ResBlock(c_i)]_{i = L-1 .. 0} -> norm, SiLU, conv
 
-Every ResBlock adds a projection of the time embedding (Fourier features of t through a small
-MLP) after its first convolution. Spatial sizes not divisible by 2^(L-1) (e.g. 7x7 with three
+Every ResBlock scales and shifts its normalised activations by a projection of the time
+embedding (Fourier features of t through a small MLP). Spatial sizes not divisible by 2^(L-1) (e.g. 7x7 with three
 levels) are zero-padded on the bottom/right before the network and cropped after it, so any
 H, W >= 1 works; 8x8, 28x28 and 32x32 need no padding with the default two levels.
 """
@@ -40,7 +40,12 @@ def _conv3x3(in_channels: int, out_channels: int, key: Key) -> eqx.nn.Conv2d:
 
 
 class _ResBlock(eqx.Module):
-    """GroupNorm -> SiLU -> conv -> (+ time) -> GroupNorm -> SiLU -> conv, plus a skip path."""
+    """GroupNorm -> SiLU -> conv -> GroupNorm -> time scale/shift -> SiLU -> conv, plus a skip
+    path.
+
+    Time enters as a scale and shift *after* the second normalisation: a shift added before it
+    would be constant over space and removed by GroupNorm whenever a group is one channel wide.
+    """
 
     norm1: eqx.nn.GroupNorm
     conv1: eqx.nn.Conv2d
@@ -55,7 +60,7 @@ class _ResBlock(eqx.Module):
         k1, k2, k3, k4 = jr.split(key, 4)
         self.norm1 = eqx.nn.GroupNorm(_num_groups(in_channels, max_groups), in_channels)
         self.conv1 = _conv3x3(in_channels, out_channels, k1)
-        self.time_projection = eqx.nn.Linear(embed_size, out_channels, key=k2)
+        self.time_projection = eqx.nn.Linear(embed_size, 2 * out_channels, key=k2)
         self.norm2 = eqx.nn.GroupNorm(_num_groups(out_channels, max_groups), out_channels)
         self.conv2 = _conv3x3(out_channels, out_channels, k3)
         if in_channels == out_channels:
@@ -66,8 +71,9 @@ class _ResBlock(eqx.Module):
     def __call__(self, h: Array, embedding: Array) -> Array:
         # h is channel-first (C, H, W), as Equinox's convolutions expect.
         out = self.conv1(jax.nn.silu(self.norm1(h)))
-        out = out + self.time_projection(embedding)[:, None, None]
-        out = self.conv2(jax.nn.silu(self.norm2(out)))
+        scale, shift = jnp.split(self.time_projection(embedding)[:, None, None], 2)
+        out = self.norm2(out) * (1 + scale) + shift
+        out = self.conv2(jax.nn.silu(out))
         shortcut = h if self.skip is None else self.skip(h)
         return shortcut + out
 
