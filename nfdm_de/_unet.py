@@ -11,9 +11,10 @@ Layout, for `channel_mults = (m_0, ..., m_{L-1})` and `c_i = base_channels * m_i
               -> [upsample, concat skip_i, ResBlock(c_i)]_{i = L-1 .. 0} -> norm, SiLU, conv
 
 Every ResBlock scales and shifts its normalised activations by a projection of the time
-embedding (Fourier features of t through a small MLP). Spatial sizes not divisible by 2^(L-1) (e.g. 7x7 with three
-levels) are zero-padded on the bottom/right before the network and cropped after it, so any
-H, W >= 1 works; 8x8, 28x28 and 32x32 need no padding with the default two levels.
+embedding (Fourier features of t through a small MLP). Spatial sizes not divisible by 2^(L-1)
+(e.g. 7x7 with three levels) are zero-padded on the bottom/right before the network and cropped
+after it, so any H, W >= 1 works; 8x8, 28x28 and 32x32 need no padding with the default two
+levels.
 """
 
 from collections.abc import Sequence
