@@ -11,6 +11,19 @@ from ._forward import (
     VariancePreserving as VariancePreserving,
     neural_gaussian as neural_gaussian,
 )
+from ._image_io import (
+    ImageData as ImageData,
+    as_uint8_images as as_uint8_images,
+    load_digits_images as load_digits_images,
+    read_cifar10 as read_cifar10,
+    read_cifar10_batch as read_cifar10_batch,
+    read_idx as read_idx,
+    read_idx_images as read_idx_images,
+    read_images as read_images,
+    read_npy_images as read_npy_images,
+    read_npz_images as read_npz_images,
+    save_image_grid as save_image_grid,
+)
 from ._loss import (
     LossBreakdown as LossBreakdown,
     curvature as curvature,
@@ -26,6 +39,11 @@ from ._nn import (
     Predictor as Predictor,
     TimeConditionedMLP as TimeConditionedMLP,
     mlp_predictor as mlp_predictor,
+)
+from ._unet import (
+    UNet as UNet,
+    unet_neural_gaussian as unet_neural_gaussian,
+    unet_predictor as unet_predictor,
 )
 from ._volatility import (
     AbstractVolatility as AbstractVolatility,
