@@ -69,6 +69,7 @@ from ._train import (
     learning_rate_schedule as learning_rate_schedule,
     load_run as load_run,
     make_optimizer as make_optimizer,
+    read_run_config as read_run_config,
     train as train,
     train_step as train_step,
 )

@@ -130,7 +130,7 @@ class TrainConfig:
     data: str = "rings"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    steps: int = 4000
+    steps: int = 3000
     batch_size: int = 256
     seed: int = 0
     num_train: int = 50_000

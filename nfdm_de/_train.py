@@ -87,8 +87,12 @@ def learning_rate_schedule(config: OptimConfig, steps: int) -> optax.Schedule:
     )
 
 
+@functools.lru_cache(maxsize=32)
 def make_optimizer(config: OptimConfig, steps: int) -> optax.GradientTransformation:
-    """Gradient clipping by global norm, then AdamW on the schedule above."""
+    """Gradient clipping by global norm, then AdamW on the schedule above.
+
+    Cached: the same settings give the same object, so the jitted step (which takes the optimiser
+    as a static argument) is not recompiled when a run is resumed in the same process."""
     return optax.chain(
         optax.clip_by_global_norm(config.clip),
         optax.adamw(learning_rate_schedule(config, steps), weight_decay=config.weight_decay),
@@ -396,6 +400,7 @@ def train(
             )
         _, state = load_checkpoint(latest, _state_skeleton(config, header))
         step = int(header["step"])
+        final_loss = float(header.get("loss", math.nan))
         iterator_state = header["data_iterator"]
         _truncate_metrics(metrics_path, step)
         log(f"resuming {run_dir} from step {step}")
@@ -403,6 +408,7 @@ def train(
         transform = fit_transform(config.data, data)
         state = init_train_state(config, data_shape, transform)
         step = 0
+        final_loss = math.nan
         iterator_state = None
     os.makedirs(run_dir, exist_ok=True)
     atomic_write_bytes(
@@ -436,7 +442,6 @@ def train(
     start_step = step
     bar = _Progress(config.steps, progress, start_step)
     pending: list[tuple[int, LossBreakdown, Array]] = []
-    final_loss = math.nan
     checkpoint = latest
     started = interval_start = time.perf_counter()
     interval_steps = 0
@@ -458,8 +463,8 @@ def train(
                 bad = pending[int(np.argmin(np.isfinite(totals)))][0]
                 last_good = latest_checkpoint(checkpoint_dir)
                 raise TrainingDiverged(
-                    f"training stopped: the loss became non-finite ({totals[~np.isfinite(totals)][0]}) "
-                    f"at step {bad}; the last good checkpoint "
+                    f"training stopped: the loss became non-finite "
+                    f"({totals[~np.isfinite(totals)][0]}) at step {bad}; the last good checkpoint "
                     + (f"is {last_good}" if last_good else "does not exist (none was saved yet)")
                     + "; lower --lr or check the data."
                 )
