@@ -4,7 +4,6 @@ Resolution order (later wins): built-in defaults (or, with --resume, the run's s
 then the `--config` TOML file, then the flags given on the command line.
 """
 
-import dataclasses
 import datetime
 import json
 import os
@@ -14,37 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
-# Where each flat setting lives in the nested TrainConfig (None: top level).
-_SECTIONS = {
-    "data": None,
-    "steps": None,
-    "batch_size": None,
-    "seed": None,
-    "num_train": None,
-    "save_every": None,
-    "keep": None,
-    "log_every": None,
-    "forward": "model",
-    "volatility": "model",
-    "curvature": "model",
-    "width": "model",
-    "depth": "model",
-    "delta": "model",
-    "volatility_value": "model",
-    "lr": "optim",
-    "warmup": "optim",
-    "schedule": "optim",
-    "final_lr_fraction": "optim",
-    "clip": "optim",
-    "weight_decay": "optim",
-    "ema_decay": "optim",
-}
-_ENUMS = {
-    "forward": "ForwardChoice",
-    "volatility": "VolatilityChoice",
-    "schedule": "ScheduleChoice",
-}
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -63,45 +31,29 @@ def _read_toml(path: Path) -> dict[str, Any]:
                 flat[inner.replace("-", "_")] = inner_value
         else:
             flat[name] = value
-    unknown = sorted(set(flat) - set(_SECTIONS) - {"run_dir"})
+    import nfdm_de as nd
+
+    known = set(nd.FLAT_SETTINGS) | {"run_dir"}
+    unknown = sorted(set(flat) - known)
     if unknown:
         raise ValueError(
             f"config file {str(path)!r}: unknown key(s) {unknown}; expected some of "
-            f"{sorted(set(_SECTIONS) | {'run_dir'})}."
+            f"{sorted(known)}."
         )
     return flat
 
 
-def _to_enum(name: str, value: Any):
-    import nfdm_de as nd
-
-    enum_type = getattr(nd, _ENUMS[name])
-    try:
-        return enum_type(value)
-    except ValueError:
-        choices = ", ".join(m.value for m in enum_type)
-        raise ValueError(f"unknown {name} {value!r}; expected one of: {choices}.") from None
-
-
 def _resolve(base, settings: dict[str, Any]):
-    """`base` TrainConfig with the flat `settings` applied."""
+    """`base` TrainConfig with the flat `settings` applied (a data path made absolute)."""
     import nfdm_de as nd
 
-    top: dict[str, Any] = {}
-    nested: dict[str, dict[str, Any]] = {"model": {}, "optim": {}}
-    for name, value in settings.items():
-        if name in _ENUMS:
-            value = _to_enum(name, value)
-        section = _SECTIONS[name]
-        (top if section is None else nested[section])[name] = value
-    if "data" in top and not os.path.isabs(top["data"]) and top["data"] not in nd.DATASETS:
-        if top["data"].endswith((".npy", ".npz")) or os.sep in top["data"]:
-            top["data"] = os.path.abspath(top["data"])
+    data = settings.get("data")
+    if isinstance(data, str) and data not in nd.DATASETS:
+        if data.endswith((".npy", ".npz")) or os.sep in data:
+            settings = {**settings, "data": os.path.abspath(data)}
         else:
-            nd.get_dataset(top["data"])  # raises the "unknown dataset" message
-    model = dataclasses.replace(base.model, **nested["model"])
-    optim = dataclasses.replace(base.optim, **nested["optim"])
-    return dataclasses.replace(base, model=model, optim=optim, **top)
+            nd.get_dataset(data)  # raises the "unknown dataset" message
+    return nd.update_config(base, settings)
 
 
 def train(

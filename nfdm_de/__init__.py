@@ -10,6 +10,7 @@ from ._checkpoint import (
     save_checkpoint as save_checkpoint,
 )
 from ._config import (
+    FLAT_SETTINGS as FLAT_SETTINGS,
     ForwardChoice as ForwardChoice,
     ModelConfig as ModelConfig,
     OptimConfig as OptimConfig,
@@ -17,6 +18,7 @@ from ._config import (
     TrainConfig as TrainConfig,
     VolatilityChoice as VolatilityChoice,
     build_model as build_model,
+    update_config as update_config,
 )
 from ._data import (
     DATASETS as DATASETS,

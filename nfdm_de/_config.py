@@ -274,27 +274,61 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _coerce(cls, name: str, value):
+    """A value from JSON/TOML/the command line, as the type of field `name` of `cls`: ints are
+    accepted for floats, strings for Enums; anything else of the wrong type is a ValueError."""
+    target = {f.name: f.type for f in dataclasses.fields(cls)}[name]
+    if isinstance(target, type) and issubclass(target, enum.Enum):
+        if isinstance(value, target):
+            return value
+        try:
+            return target(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in target)
+            raise ValueError(f"unknown {name} {value!r}; expected one of: {choices}.") from None
+    if target is float and _is_real(value):
+        return float(value)
+    if target is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if target is str and isinstance(value, str):
+        return value
+    if target in (int, float, str):
+        raise ValueError(f"`{name}` must be {target.__name__}; got {value!r}.")
+    return value
+
+
 def _dataclass_from_dict(cls, d: dict, where: str, **already):
     if not isinstance(d, dict):
         raise ValueError(f"config section '{where}' must be a table; got {d!r}.")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
     if unknown:
         raise ValueError(
             f"unknown config key(s) {unknown}{f' in {where!r}' if where else ''}; "
             f"expected some of {sorted(fields)}."
         )
     kwargs = dict(already)
-    for name, value in d.items():
-        target = fields[name].type
-        if isinstance(target, type) and issubclass(target, enum.Enum):
-            if not isinstance(value, enum.Enum):
-                try:
-                    value = target(value)
-                except ValueError:
-                    choices = ", ".join(m.value for m in target)
-                    raise ValueError(
-                        f"unknown {name} {value!r}; expected one of: {choices}."
-                    ) from None
-        kwargs[name] = value
+    kwargs.update({name: _coerce(cls, name, value) for name, value in d.items()})
     return cls(**kwargs)
+
+
+# Where each flat setting (a CLI flag or a TOML key) lives in the nested TrainConfig.
+FLAT_SETTINGS: dict[str, str | None] = {
+    **{f.name: None for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "optim")},
+    **{f.name: "model" for f in dataclasses.fields(ModelConfig)},
+    **{f.name: "optim" for f in dataclasses.fields(OptimConfig)},
+}
+
+
+def update_config(base: TrainConfig, settings: dict[str, Any]) -> TrainConfig:
+    """`base` with flat `settings` (names as in `FLAT_SETTINGS`) applied, coerced and checked."""
+    nested: dict[str | None, dict[str, Any]] = {None: {}, "model": {}, "optim": {}}
+    for name, value in settings.items():
+        if name not in FLAT_SETTINGS:
+            raise ValueError(f"unknown setting {name!r}; expected some of {sorted(FLAT_SETTINGS)}.")
+        section = FLAT_SETTINGS[name]
+        cls = {None: TrainConfig, "model": ModelConfig, "optim": OptimConfig}[section]
+        nested[section][name] = _coerce(cls, name, value)
+    model = dataclasses.replace(base.model, **nested["model"])
+    optim = dataclasses.replace(base.optim, **nested["optim"])
+    return dataclasses.replace(base, model=model, optim=optim, **nested[None])

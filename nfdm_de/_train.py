@@ -67,35 +67,42 @@ class TrainingDiverged(ValueError):
 # --- optimiser and state ------------------------------------------------------------------------
 
 
-def learning_rate_schedule(config: OptimConfig, steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to `lr` over `warmup` steps, then cosine decay to
-    `final_lr_fraction * lr` at `steps` (or constant)."""
+def learning_rate_schedule(config: OptimConfig, steps: int) -> Callable[[int], float]:
+    """step -> learning rate: linear warm-up from 0 to `lr` over `warmup` steps, then a cosine
+    decay reaching `final_lr_fraction * lr` at `steps` (or a constant rate).
+
+    Computed on the host in plain Python and fed to the jitted step as a number, so the compiled
+    step does not depend on the run length (resuming with more steps does not recompile).
+    """
     warmup = min(config.warmup, max(steps - 1, 0))
-    if config.schedule is ScheduleChoice.COSINE:
-        return optax.warmup_cosine_decay_schedule(
-            init_value=0.0,
-            peak_value=config.lr,
-            warmup_steps=warmup,
-            decay_steps=max(steps, warmup + 1),
-            end_value=config.lr * config.final_lr_fraction,
-        )
-    if warmup == 0:
-        return optax.constant_schedule(config.lr)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, config.lr, warmup), optax.constant_schedule(config.lr)],
-        [warmup],
-    )
+    peak, end = config.lr, config.lr * config.final_lr_fraction
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return peak * step / warmup
+        if config.schedule is ScheduleChoice.CONSTANT:
+            return peak
+        progress = min((step - warmup) / max(steps - warmup, 1), 1.0)
+        return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * progress))
+
+    return schedule
 
 
-@functools.lru_cache(maxsize=32)
-def make_optimizer(config: OptimConfig, steps: int) -> optax.GradientTransformation:
-    """Gradient clipping by global norm, then AdamW on the schedule above.
+def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+    """Gradient clipping by global norm, then AdamW *without* its learning rate: the step
+    multiplies the update by -lr(step) (see `learning_rate_schedule`), which is AdamW exactly.
 
     Cached: the same settings give the same object, so the jitted step (which takes the optimiser
     as a static argument) is not recompiled when a run is resumed in the same process."""
+    return _optimizer(float(config.clip), float(config.weight_decay))
+
+
+@functools.lru_cache(maxsize=32)
+def _optimizer(clip: float, weight_decay: float) -> optax.GradientTransformation:
     return optax.chain(
-        optax.clip_by_global_norm(config.clip),
-        optax.adamw(learning_rate_schedule(config, steps), weight_decay=config.weight_decay),
+        optax.clip_by_global_norm(clip),
+        optax.scale_by_adam(),
+        optax.add_decayed_weights(weight_decay),
     )
 
 
@@ -121,7 +128,7 @@ def init_train_state(
     """A fresh state: model from `config.model` and `config.seed`, EMA = model, optimiser state."""
     model_key, train_key = jr.split(jr.key(config.seed))
     model = build_model(config.model, data_shape, model_key)
-    optimizer = make_optimizer(config.optim, config.steps)
+    optimizer = make_optimizer(config.optim)
     opt_state = optimizer.init(_params(model))
     if transform is None:
         transform = AffineDataTransform.identity(data_shape[0])
@@ -136,13 +143,14 @@ def train_step(
     state: TrainState,
     batch: Float[Array, " batch dim"],
     step: Array,
+    lr: Array,
     optimizer: optax.GradientTransformation,
     *,
     curvature_weight: float,
     ema_decay: float,
     num_levels: int | None,
 ) -> tuple[TrainState, LossBreakdown, Array]:
-    """One optimiser step on `batch` (in the data's units) at integer `step`.
+    """One optimiser step on `batch` (in the data's units) at integer `step`, learning rate `lr`.
 
     Returns the new state, the batch-mean `LossBreakdown` and the gradient's global norm.
     """
@@ -160,6 +168,7 @@ def train_step(
 
     (_, breakdown), grads = jax.value_and_grad(objective, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
     params = optax.apply_updates(params, updates)
     model = eqx.combine(params, static)
     # EMA whose decay warms up, so early EMA weights are not dominated by the initialisation.
@@ -170,7 +179,8 @@ def train_step(
     )
     ema_model = eqx.combine(ema_params, ema_static)
     new_state = TrainState(model, ema_model, opt_state, state.key, state.transform)
-    return new_state, breakdown, optax.global_norm(grads)
+    grad_norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
+    return new_state, breakdown, grad_norm
 
 
 # --- run directories ----------------------------------------------------------------------------
@@ -415,7 +425,7 @@ def train(
         os.path.join(run_dir, CONFIG_FILE), json.dumps(config.to_dict(), indent=2).encode()
     )
 
-    optimizer = make_optimizer(config.optim, config.steps)
+    optimizer = make_optimizer(config.optim)
     schedule = learning_rate_schedule(config.optim, config.steps)
     batches = batch_dataset(data, batch_size=config.batch_size, seed=config.seed)
     iterator = iter(batches.to_iter_dataset())
@@ -448,7 +458,8 @@ def train(
     try:
         while step < end:
             batch = jnp.asarray(next(iterator), dtype)
-            state, breakdown, grad_norm = step_fn(state, batch, jnp.asarray(step))
+            lr = jnp.asarray(schedule(step), dtype)
+            state, breakdown, grad_norm = step_fn(state, batch, jnp.asarray(step), lr)
             step += 1
             interval_steps += 1
             pending.append((step, breakdown, grad_norm))
@@ -479,7 +490,7 @@ def train(
                     for name in ("diffusion", "prior", "reconstruction", "curvature")
                 },
                 "grad_norm": float(np.mean([float(g) for _, g in terms])),
-                "lr": float(schedule(step - 1)),
+                "lr": schedule(step - 1),
                 "steps_per_sec": rate,
                 "seconds": now - started,
             }
