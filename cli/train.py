@@ -142,11 +142,6 @@ def train(
             name = os.path.splitext(os.path.basename(resolved.data))[0]
             directory = os.path.join("runs", f"{name}-{resolved.model.forward.value}-{stamp}")
         directory = os.fspath(directory)
-        typer.echo(
-            f"training {resolved.model.forward.value} / {resolved.model.volatility.value} on "
-            f"{resolved.data} for {resolved.steps} steps -> {directory}",
-            err=True,
-        )
         result = nd.train(
             resolved,
             directory,

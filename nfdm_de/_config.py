@@ -198,10 +198,38 @@ _VOLATILITY_BUILDERS = {
 
 
 def _is_learnable(module) -> bool:
-    import equinox as eqx
+    """Whether `module` holds trainable (floating-point array) leaves; works on the output of
+    `eqx.filter_eval_shape` too (Python floats such as `delta` are not trainable)."""
     import jax
+    import jax.numpy as jnp
 
-    return len(jax.tree.leaves(eqx.filter(module, eqx.is_inexact_array))) > 0
+    return any(
+        hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
+        for leaf in jax.tree.leaves(module)
+    )
+
+
+def check_model_config(config: ModelConfig, *, forward_is_learnable: bool | None = None) -> None:
+    """Refuse a deterministic model (`volatility=zero`) with a learnable forward process and no
+    curvature penalty: that objective can be cheated by a degenerate noise schedule (DESIGN §2.3).
+
+    `forward_is_learnable` defaults to building the forward process abstractly and looking for
+    trainable arrays in it, so a new forward process needs no entry here.
+    """
+    if config.volatility is not VolatilityChoice.ZERO or config.curvature > 0:
+        return
+    if forward_is_learnable is None:
+        import equinox as eqx
+
+        forward = eqx.filter_eval_shape(_FORWARD_BUILDERS[config.forward], config, 2, jr.key(0))
+        forward_is_learnable = _is_learnable(forward)
+    if forward_is_learnable:
+        raise ValueError(
+            f"volatility 'zero' with the learnable forward process '{config.forward.value}' needs "
+            "a curvature penalty > 0: without one the deterministic objective degenerates (the "
+            "learned schedule collapses and injects all noise in a sliver of time, DESIGN §2.3); "
+            "use a fixed forward process (linear, vp) or set curvature > 0."
+        )
 
 
 def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> NFDM:
@@ -220,17 +248,7 @@ def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> N
     size = data_shape[0]
     forward_key, predictor_key, volatility_key = jr.split(key, 3)
     forward = _FORWARD_BUILDERS[config.forward](config, size, forward_key)
-    if (
-        config.volatility is VolatilityChoice.ZERO
-        and config.curvature == 0
-        and _is_learnable(forward)
-    ):
-        raise ValueError(
-            f"volatility 'zero' with the learnable forward process '{config.forward.value}' needs "
-            "a curvature penalty > 0: without one the deterministic objective degenerates (the "
-            "learned schedule collapses and injects all noise in a sliver of time, DESIGN §2.3); "
-            "use a fixed forward process (linear, vp) or set curvature > 0."
-        )
+    check_model_config(config, forward_is_learnable=_is_learnable(forward))
     predictor = mlp_predictor(
         size, width=config.width, depth=config.depth, delta=config.delta, key=predictor_key
     )

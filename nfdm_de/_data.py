@@ -357,7 +357,7 @@ def _load_array_file(path: str) -> np.ndarray:
         raise ValueError(f"data file {path!r} does not exist.")
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+    except Exception as error:  # numpy raises ValueError, OSError, BadZipFile, EOFError, ...
         raise ValueError(f"cannot read data file {path!r}: {error}") from None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
@@ -371,7 +371,7 @@ def _load_array_file(path: str) -> np.ndarray:
                 )
             try:
                 array = loaded[key]
-            except ValueError as error:
+            except Exception as error:  # a damaged member: zlib/zipfile/ValueError
                 raise ValueError(f"cannot read array {key!r} of {path!r}: {error}") from None
     else:
         array = loaded

@@ -41,6 +41,7 @@ from ._config import (
     ScheduleChoice,
     TrainConfig,
     build_model,
+    check_model_config,
     config_differences,
 )
 from ._data import (
@@ -388,6 +389,7 @@ def train(
     if is_file_reference(config.data):
         config = dataclasses.replace(config, data=os.path.abspath(config.data))
     _check_run_directory(run_dir, config, resume)
+    check_model_config(config.model)
     end = config.steps if stop_at is None else min(stop_at, config.steps)
 
     # Validate the data before creating anything on disk.
@@ -420,6 +422,11 @@ def train(
         step = 0
         final_loss = math.nan
         iterator_state = None
+    log(
+        f"training {config.model.forward.value} / {config.model.volatility.value} on "
+        f"{config.data} ({data.shape[0]} examples of dimension {data.shape[1]}) to step {end} "
+        f"-> {run_dir}"
+    )
     os.makedirs(run_dir, exist_ok=True)
     atomic_write_bytes(
         os.path.join(run_dir, CONFIG_FILE), json.dumps(config.to_dict(), indent=2).encode()
