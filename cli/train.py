@@ -47,6 +47,19 @@ def _resolve(base, settings: dict[str, Any]):
     """`base` TrainConfig with the flat `settings` applied (a data path made absolute)."""
     import nfdm_de as nd
 
+    enums = {
+        "forward": nd.ForwardChoice,
+        "volatility": nd.VolatilityChoice,
+        "schedule": nd.ScheduleChoice,
+    }
+    for name, enum_type in enums.items():
+        if name in settings and not isinstance(settings[name], enum_type):
+            value = settings[name]
+            try:
+                settings = {**settings, name: enum_type(value)}
+            except ValueError:
+                choices = ", ".join(m.value for m in enum_type)
+                raise ValueError(f"unknown {name} {value!r}; expected one of: {choices}.") from None
     data = settings.get("data")
     if isinstance(data, str) and data not in nd.DATASETS:
         if data.endswith((".npy", ".npz")) or os.sep in data:

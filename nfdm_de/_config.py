@@ -93,7 +93,7 @@ class OptimConfig:
     constant rate, and gradient clipping by global norm. `ema_decay` is the decay of the EMA
     weights used for evaluation."""
 
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup: int = 200
     schedule: ScheduleChoice = ScheduleChoice.COSINE
     final_lr_fraction: float = 0.01

@@ -199,3 +199,16 @@ def test_digits_dequantised_training(tmp_path):
     assert float(jnp.ptp(run.transform.scale)) == 0 and float(run.transform.log_det()) == (
         pytest.approx(-64 * math.log(float(run.transform.scale[0])))
     )
+
+
+def test_extending_a_finished_constant_schedule_run_is_exact(tmp_path):
+    """--schedule constant: 20 steps, then resume to 40 == 40 straight (bit for bit)."""
+    constant = dataclasses.replace(
+        TINY, optim=dataclasses.replace(TINY.optim, schedule=nd.ScheduleChoice.CONSTANT)
+    )
+    nd.train(dataclasses.replace(constant, steps=20), str(tmp_path / "a"))
+    nd.train(constant, str(tmp_path / "a"), resume=True)
+    nd.train(constant, str(tmp_path / "b"))
+    a, b = nd.load_run(str(tmp_path / "a")), nd.load_run(str(tmp_path / "b"))
+    assert a.step == b.step == 40 and a.config == b.config == constant
+    assert _bit_identical(a.model, b.model) and _bit_identical(a.raw_model, b.raw_model)
