@@ -10,6 +10,7 @@ back to the data's own units: `nll_data = nll_model - transform.log_det()`.
 """
 
 import abc
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -401,6 +402,13 @@ def check_data_array(array, where: str) -> np.ndarray:
     return array
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_sampler(n: int):
+    # One compiled call is much cheaper than dispatching the sampler's ops one by one; cached so
+    # that repeated loads (evaluation, resumed runs) do not recompile.
+    return eqx.filter_jit(lambda dataset, key: dataset.sample(key, n))
+
+
 def load_dataset(
     name_or_path: str, *, split: str = "train", num: int | None = None, seed: int = 0
 ) -> np.ndarray:
@@ -426,9 +434,7 @@ def load_dataset(
         dataset = get_dataset(name_or_path)
         n = num or (50_000 if split == "train" else 10_000)
         key = jr.fold_in(jr.key(seed), _SPLIT_STREAM[split])
-        # One compiled call is much cheaper than dispatching the sampler's ops one by one.
-        sample = eqx.filter_jit(lambda dataset, key: dataset.sample(key, n))
-        return np.asarray(sample(dataset, key), dtype=np.float64)
+        return np.asarray(_compiled_sampler(n)(dataset, key), dtype=np.float64)
     return array if num is None else array[:num]
 
 

@@ -344,7 +344,8 @@ class _Progress:
 
 def _tree_is_finite(tree) -> bool:
     leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
-    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
+    # numpy on the host: no per-shape compilation of a tiny reduction.
+    return all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in leaves)
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -440,7 +441,6 @@ def train(
         iterator.set_state(iterator_state)
     step_fn = functools.partial(
         train_step,
-        optimizer=optimizer,
         curvature_weight=float(config.model.curvature),
         ema_decay=float(config.optim.ema_decay),
         num_levels=num_levels,
@@ -466,7 +466,7 @@ def train(
         while step < end:
             batch = jnp.asarray(next(iterator), dtype)
             lr = jnp.asarray(schedule(step), dtype)
-            state, breakdown, grad_norm = step_fn(state, batch, jnp.asarray(step), lr)
+            state, breakdown, grad_norm = step_fn(state, batch, jnp.asarray(step), lr, optimizer)
             step += 1
             interval_steps += 1
             pending.append((step, breakdown, grad_norm))

@@ -112,7 +112,7 @@ def test_step_ema(getkey):
         state,
         batch,
         jnp.asarray(0),
-        jnp.asarray(0.01),
+        jnp.asarray(0.01, batch.dtype),
         nd.make_optimizer(TINY.optim),
         curvature_weight=0.0,
         ema_decay=TINY.optim.ema_decay,
