@@ -423,6 +423,8 @@ def train(
         step = 0
         final_loss = math.nan
         iterator_state = None
+        if resume:  # a run killed before its first checkpoint: forget its metrics
+            _truncate_metrics(metrics_path, 0)
     log(
         f"training {config.model.forward.value} / {config.model.volatility.value} on "
         f"{config.data} ({data.shape[0]} examples of dimension {data.shape[1]}) to step {end} "
