@@ -154,6 +154,7 @@ def test_sigkill_while_saving_leaves_a_loadable_latest_checkpoint(tmp_path):
         previous = step
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_then_exact_resume(tmp_path):
     """`nfdm-de train` saving every step is killed; the run resumes from its latest checkpoint
     and continues bit-identically to a run that was never interrupted."""
