@@ -2,6 +2,41 @@
 
 import importlib.metadata
 
+from ._checkpoint import (
+    latest_checkpoint as latest_checkpoint,
+    list_checkpoints as list_checkpoints,
+    load_checkpoint as load_checkpoint,
+    read_header as read_header,
+    save_checkpoint as save_checkpoint,
+)
+from ._config import (
+    FLAT_SETTINGS as FLAT_SETTINGS,
+    ForwardChoice as ForwardChoice,
+    ModelConfig as ModelConfig,
+    OptimConfig as OptimConfig,
+    ScheduleChoice as ScheduleChoice,
+    TrainConfig as TrainConfig,
+    VolatilityChoice as VolatilityChoice,
+    build_model as build_model,
+    update_config as update_config,
+)
+from ._data import (
+    DATASETS as DATASETS,
+    AbstractDataset as AbstractDataset,
+    AffineDataTransform as AffineDataTransform,
+    Checkerboard as Checkerboard,
+    Digits as Digits,
+    EightGaussians as EightGaussians,
+    GaussianMixture10D as GaussianMixture10D,
+    Rings as Rings,
+    Spirals as Spirals,
+    TwoMoons as TwoMoons,
+    batch_dataset as batch_dataset,
+    dataset_num_levels as dataset_num_levels,
+    dequantise as dequantise,
+    get_dataset as get_dataset,
+    load_dataset as load_dataset,
+)
 from ._forward import (
     AbstractForwardProcess as AbstractForwardProcess,
     AbstractGaussianForwardProcess as AbstractGaussianForwardProcess,
@@ -39,6 +74,19 @@ from ._nn import (
     Predictor as Predictor,
     TimeConditionedMLP as TimeConditionedMLP,
     mlp_predictor as mlp_predictor,
+)
+from ._train import (
+    LoadedRun as LoadedRun,
+    TrainingDiverged as TrainingDiverged,
+    TrainResult as TrainResult,
+    TrainState as TrainState,
+    init_train_state as init_train_state,
+    learning_rate_schedule as learning_rate_schedule,
+    load_run as load_run,
+    make_optimizer as make_optimizer,
+    read_run_config as read_run_config,
+    train as train,
+    train_step as train_step,
 )
 from ._unet import (
     UNet as UNet,

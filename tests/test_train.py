@@ -1,0 +1,214 @@
+"""Training: model construction, schedule, EMA, loss falls, exact resume, divergence."""
+
+import dataclasses
+import json
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nfdm_de as nd
+
+# One tiny configuration shared by the tests (and the CLI tests), so the step compiles once.
+TINY = nd.TrainConfig(
+    data="eight-gaussians",
+    model=nd.ModelConfig(width=16, depth=1),
+    optim=nd.OptimConfig(lr=3e-3, warmup=5, ema_decay=0.9, weight_decay=0.01),
+    steps=40,
+    batch_size=32,
+    num_train=512,
+    save_every=10,
+    log_every=10,
+)
+
+
+def _leaves(tree):
+    return jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+
+
+def _bit_identical(a, b) -> bool:
+    la, lb = _leaves(a), _leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
+
+
+@pytest.mark.parametrize("forward", list(nd.ForwardChoice))
+@pytest.mark.parametrize("volatility", list(nd.VolatilityChoice))
+def test_build_model_every_choice(forward, volatility, getkey):
+    learnable = forward in (nd.ForwardChoice.NEURAL_GAUSSIAN, nd.ForwardChoice.LEARNED_SCHEDULE)
+    config = nd.ModelConfig(forward=forward, volatility=volatility, width=8, depth=1)
+    if volatility is nd.VolatilityChoice.ZERO and learnable:
+        with pytest.raises(ValueError, match="curvature"):
+            nd.build_model(config, (3,), getkey())
+        config = dataclasses.replace(config, curvature=0.5)
+    model = nd.build_model(config, (3,), getkey())
+    assert isinstance(model, nd.NFDM) and model.data_shape == (3,)
+    assert model.is_deterministic == (volatility is nd.VolatilityChoice.ZERO)
+
+
+def test_build_model_rejects_bad_shapes(getkey):
+    with pytest.raises(ValueError, match="vector data"):
+        nd.build_model(nd.ModelConfig(), (2, 2), getkey())
+
+
+def test_config_validation_and_round_trip():
+    for bad in (dict(steps=0), dict(batch_size=0), dict(steps=-3), dict(keep=0)):
+        with pytest.raises(ValueError, match="positive integer"):
+            nd.TrainConfig(**bad)
+    with pytest.raises(ValueError, match="`steps` must be int; got 'x'"):
+        nd.update_config(TINY, {"steps": "x"})
+    updated = nd.update_config(TINY, {"forward": "linear", "lr": 1, "steps": 7})
+    assert updated.model.forward is nd.ForwardChoice.LINEAR and updated.optim.lr == 1.0
+    assert updated.steps == 7 and updated.model.width == TINY.model.width
+    with pytest.raises(ValueError, match="unknown forward 'flow'"):
+        nd.TrainConfig.from_dict({"model": {"forward": "flow"}})
+    with pytest.raises(ValueError, match="unknown config key"):
+        nd.TrainConfig.from_dict({"stepz": 3})
+    assert nd.TrainConfig.from_dict(json.loads(json.dumps(TINY.to_dict()))) == TINY
+
+
+def test_learning_rate_schedule():
+    optim = nd.OptimConfig(lr=1.0, warmup=10, final_lr_fraction=0.1)
+    cosine = nd.learning_rate_schedule(optim, 110)
+    assert cosine(0) == 0 and math.isclose(cosine(5), 0.5) and math.isclose(cosine(10), 1.0)
+    assert math.isclose(cosine(60), 0.55) and math.isclose(cosine(110), 0.1)
+    assert math.isclose(cosine(500), 0.1)
+    constant = nd.learning_rate_schedule(
+        dataclasses.replace(optim, schedule=nd.ScheduleChoice.CONSTANT), 110
+    )
+    assert math.isclose(constant(5), 0.5) and constant(10) == constant(100) == 1.0
+
+
+def test_optimizer_is_clipped_adamw(getkey):
+    """make_optimizer then -lr * update equals optax's clip + adamw, over several steps."""
+    import optax
+
+    params = {"w": jax.random.normal(getkey(), (3, 4)), "b": jnp.ones(4)}
+    ours = nd.make_optimizer(TINY.optim)
+    reference = optax.chain(
+        optax.clip_by_global_norm(TINY.optim.clip),
+        optax.adamw(0.01, weight_decay=TINY.optim.weight_decay),
+    )
+    p_ours, p_ref = params, params
+    s_ours, s_ref = ours.init(params), reference.init(params)
+    for _ in range(3):
+        grads = jax.tree.map(lambda a: 5.0 * jax.random.normal(getkey(), a.shape), params)
+        u_ours, s_ours = ours.update(grads, s_ours, p_ours)
+        p_ours = optax.apply_updates(p_ours, jax.tree.map(lambda u: -0.01 * u, u_ours))
+        u_ref, s_ref = reference.update(grads, s_ref, p_ref)
+        p_ref = optax.apply_updates(p_ref, u_ref)
+    for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_step_ema(getkey):
+    """After one step from initialisation the EMA is d * init + (1 - d) * new with the warmed-up
+    decay d = min(ema_decay, (1 + 0) / (10 + 0)) = 0.1."""
+    state = nd.init_train_state(TINY, (2,))
+    batch = jnp.asarray(nd.load_dataset("eight-gaussians", num=TINY.batch_size))
+    new, breakdown, grad_norm = nd.train_step(
+        state,
+        batch,
+        jnp.asarray(0),
+        jnp.asarray(0.01, batch.dtype),
+        nd.make_optimizer(TINY.optim),
+        curvature_weight=0.0,
+        ema_decay=TINY.optim.ema_decay,
+        num_levels=None,
+    )
+    assert np.isfinite(float(breakdown.total)) and float(grad_norm) > 0
+    assert not _bit_identical(new.model, state.model)
+    for e, p0, p1 in zip(
+        _leaves(new.ema_model), _leaves(state.model), _leaves(new.model), strict=True
+    ):
+        np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p1, rtol=1e-12, atol=1e-14)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    result = nd.train(TINY, str(run_dir))
+    return run_dir, result
+
+
+def test_training_lowers_the_loss(straight_run):
+    run_dir, result = straight_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30, 40]
+    for r in records:
+        assert set(r) >= {"loss", "diffusion", "prior", "reconstruction", "curvature", "lr"}
+        assert math.isclose(
+            r["loss"], r["diffusion"] + r["prior"] + r["reconstruction"], rel_tol=1e-9
+        )
+    # The first interval starts at initialisation; by the end the loss has clearly fallen.
+    assert records[-1]["loss"] < 0.7 * records[0]["loss"], records
+    assert result.steps == 40 and result.final_loss == records[-1]["loss"]
+    steps = [s for s, _ in nd.list_checkpoints(str(run_dir / "checkpoints"))]
+    assert steps == [20, 30, 40]  # keep = 3
+
+
+def test_resume_is_bit_identical(straight_run, tmp_path):
+    run_dir, _ = straight_run
+    nd.train(TINY, str(tmp_path), stop_at=20)
+    assert nd.load_run(str(tmp_path)).step == 20
+    nd.train(TINY, str(tmp_path), resume=True)
+    straight, resumed = nd.load_run(str(run_dir)), nd.load_run(str(tmp_path))
+    assert resumed.step == straight.step == 40
+    assert _bit_identical(straight.model, resumed.model)  # EMA weights
+    assert _bit_identical(straight.raw_model, resumed.raw_model)
+    # The optimiser state and data order too: the metrics logs agree exactly.
+    assert (run_dir / "metrics.jsonl").read_text().count("\n") == 4
+    straight_losses = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").open()]
+    resumed_losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").open()]
+    assert straight_losses == resumed_losses
+
+
+def test_load_run(straight_run):
+    run_dir, _ = straight_run
+    run = nd.load_run(str(run_dir))
+    assert run.config == TINY and run.dataset == "eight-gaussians" and run.step == 40
+    assert run.num_levels is None and isinstance(run.transform, nd.AffineDataTransform)
+    x = nd.load_dataset("eight-gaussians", split="train", num=512)
+    np.testing.assert_allclose(run.transform.shift, x.mean(axis=0), rtol=1e-12)
+    z = jnp.zeros(2)
+    assert run.model.velocity(z, 0.5).shape == (2,)
+    assert not _bit_identical(run.model, run.raw_model)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    # An absurd step size: the first update is finite (+-1e300), the next loss overflows.
+    config = dataclasses.replace(
+        TINY, optim=dataclasses.replace(TINY.optim, lr=1e300, warmup=0), save_every=1, log_every=1
+    )
+    with pytest.raises(nd.TrainingDiverged, match="non-finite.*step 2.*step_00000001"):
+        nd.train(config, str(tmp_path))
+    assert [s for s, _ in nd.list_checkpoints(str(tmp_path / "checkpoints"))] == [1]
+    run = nd.load_run(str(tmp_path))
+    assert run.step == 1 and all(bool(jnp.all(jnp.isfinite(a))) for a in _leaves(run.raw_model))
+
+
+def test_digits_dequantised_training(tmp_path):
+    config = dataclasses.replace(TINY, data="digits", steps=2, save_every=2, log_every=1)
+    result = nd.train(config, str(tmp_path))
+    run = nd.load_run(str(tmp_path))
+    assert run.num_levels == 17 and run.model.data_shape == (64,)
+    assert np.isfinite(result.final_loss)
+    # One scalar affine map for every pixel (DESIGN §2.6: s = a y + b).
+    assert float(jnp.ptp(run.transform.scale)) == 0 and float(run.transform.log_det()) == (
+        pytest.approx(-64 * math.log(float(run.transform.scale[0])))
+    )
+
+
+def test_extending_a_finished_constant_schedule_run_is_exact(tmp_path):
+    """--schedule constant: 20 steps, then resume to 40 == 40 straight (bit for bit)."""
+    constant = dataclasses.replace(
+        TINY, optim=dataclasses.replace(TINY.optim, schedule=nd.ScheduleChoice.CONSTANT)
+    )
+    nd.train(dataclasses.replace(constant, steps=20), str(tmp_path / "a"))
+    nd.train(constant, str(tmp_path / "a"), resume=True)
+    nd.train(constant, str(tmp_path / "b"))
+    a, b = nd.load_run(str(tmp_path / "a")), nd.load_run(str(tmp_path / "b"))
+    assert a.step == b.step == 40 and a.config == b.config == constant
+    assert _bit_identical(a.model, b.model) and _bit_identical(a.raw_model, b.raw_model)
