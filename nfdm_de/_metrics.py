@@ -62,7 +62,7 @@ def _energy(x, y, block_size):
 
 
 def energy_distance(
-    x: Float[Array, " n *shape"], y: Float[Array, " m *shape"], *, block_size: int = 256
+    x: Float[Array, " n *shape"], y: Float[Array, " m *other_shape"], *, block_size: int = 256
 ) -> Scalar:
     """Energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (Euclidean norms, unbiased)."""
     x, y = _flatten(x, "x"), _flatten(y, "y")
@@ -88,7 +88,7 @@ def _mmd(x, y, bandwidths, block_size):
     return within_x + within_y - 2 * cross
 
 
-def median_distance(x: Float[Array, " n *shape"], y: Float[Array, " m *shape"]) -> Scalar:
+def median_distance(x: Float[Array, " n *shape"], y: Float[Array, " m *other_shape"]) -> Scalar:
     """Median pairwise distance of the pooled samples (first 1,000 of each): the median
     heuristic that scales the default MMD bandwidths to the data."""
     pooled = jnp.concatenate([_flatten(x, "x")[:1000], _flatten(y, "y")[:1000]])
@@ -99,7 +99,7 @@ def median_distance(x: Float[Array, " n *shape"], y: Float[Array, " m *shape"]) 
 
 def mmd(
     x: Float[Array, " n *shape"],
-    y: Float[Array, " m *shape"],
+    y: Float[Array, " m *other_shape"],
     *,
     bandwidths: Sequence[float] | None = None,
     block_size: int = 256,
