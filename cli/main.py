@@ -2,6 +2,8 @@
 
 import typer
 
+from cli.train import train as _train
+
 app = typer.Typer(
     name="nfdm-de",
     help="Neural Flow Diffusion Models: train, sample, and measure likelihoods.",
@@ -14,6 +16,9 @@ app = typer.Typer(
 @app.callback()
 def main() -> None:
     """Neural Flow Diffusion Models in JAX."""
+
+
+app.command(name="train")(_train)
 
 
 @app.command()

@@ -2,6 +2,39 @@
 
 import importlib.metadata
 
+from ._checkpoint import (
+    latest_checkpoint as latest_checkpoint,
+    list_checkpoints as list_checkpoints,
+    load_checkpoint as load_checkpoint,
+    read_header as read_header,
+    save_checkpoint as save_checkpoint,
+)
+from ._config import (
+    ForwardChoice as ForwardChoice,
+    ModelConfig as ModelConfig,
+    OptimConfig as OptimConfig,
+    ScheduleChoice as ScheduleChoice,
+    TrainConfig as TrainConfig,
+    VolatilityChoice as VolatilityChoice,
+    build_model as build_model,
+)
+from ._data import (
+    DATASETS as DATASETS,
+    AbstractDataset as AbstractDataset,
+    AffineDataTransform as AffineDataTransform,
+    Checkerboard as Checkerboard,
+    Digits as Digits,
+    EightGaussians as EightGaussians,
+    GaussianMixture10D as GaussianMixture10D,
+    Rings as Rings,
+    Spirals as Spirals,
+    TwoMoons as TwoMoons,
+    batch_dataset as batch_dataset,
+    dataset_num_levels as dataset_num_levels,
+    dequantise as dequantise,
+    get_dataset as get_dataset,
+    load_dataset as load_dataset,
+)
 from ._forward import (
     AbstractForwardProcess as AbstractForwardProcess,
     AbstractGaussianForwardProcess as AbstractGaussianForwardProcess,
@@ -11,6 +44,13 @@ from ._forward import (
     VariancePreserving as VariancePreserving,
     neural_gaussian as neural_gaussian,
 )
+from ._likelihood import (
+    Dequantization as Dequantization,
+    Estimate as Estimate,
+    bits_per_dim as bits_per_dim,
+    log_likelihood as log_likelihood,
+    variational_bound as variational_bound,
+)
 from ._loss import (
     LossBreakdown as LossBreakdown,
     curvature as curvature,
@@ -18,13 +58,6 @@ from ._loss import (
     loss as loss,
     prior_kl as prior_kl,
     stratified_times as stratified_times,
-)
-from ._likelihood import (
-    Dequantization as Dequantization,
-    Estimate as Estimate,
-    bits_per_dim as bits_per_dim,
-    log_likelihood as log_likelihood,
-    variational_bound as variational_bound,
 )
 from ._metrics import energy_distance as energy_distance, mmd as mmd
 from ._model import NFDM as NFDM
@@ -44,6 +77,19 @@ from ._terms import (
     GaussianProbe as GaussianProbe,
     Hutchinson as Hutchinson,
     RademacherProbe as RademacherProbe,
+)
+from ._train import (
+    LoadedRun as LoadedRun,
+    TrainingDiverged as TrainingDiverged,
+    TrainResult as TrainResult,
+    TrainState as TrainState,
+    init_train_state as init_train_state,
+    learning_rate_schedule as learning_rate_schedule,
+    load_run as load_run,
+    make_optimizer as make_optimizer,
+    read_run_config as read_run_config,
+    train as train,
+    train_step as train_step,
 )
 from ._volatility import (
     AbstractVolatility as AbstractVolatility,

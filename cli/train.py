@@ -1,0 +1,227 @@
+"""`nfdm-de train`: strings and files become a typed `TrainConfig` here, then `nfdm_de.train`.
+
+Resolution order (later wins): built-in defaults (or, with --resume, the run's stored config),
+then the `--config` TOML file, then the flags given on the command line.
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+# Where each flat setting lives in the nested TrainConfig (None: top level).
+_SECTIONS = {
+    "data": None,
+    "steps": None,
+    "batch_size": None,
+    "seed": None,
+    "num_train": None,
+    "save_every": None,
+    "keep": None,
+    "log_every": None,
+    "forward": "model",
+    "volatility": "model",
+    "curvature": "model",
+    "width": "model",
+    "depth": "model",
+    "delta": "model",
+    "volatility_value": "model",
+    "lr": "optim",
+    "warmup": "optim",
+    "schedule": "optim",
+    "final_lr_fraction": "optim",
+    "clip": "optim",
+    "weight_decay": "optim",
+    "ema_decay": "optim",
+}
+_ENUMS = {
+    "forward": "ForwardChoice",
+    "volatility": "VolatilityChoice",
+    "schedule": "ScheduleChoice",
+}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist.")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ValueError(f"cannot read config file {str(path)!r}: {error}") from None
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if isinstance(value, dict) and name in ("model", "optim", "train"):
+            for inner, inner_value in value.items():
+                flat[inner.replace("-", "_")] = inner_value
+        else:
+            flat[name] = value
+    unknown = sorted(set(flat) - set(_SECTIONS) - {"run_dir"})
+    if unknown:
+        raise ValueError(
+            f"config file {str(path)!r}: unknown key(s) {unknown}; expected some of "
+            f"{sorted(set(_SECTIONS) | {'run_dir'})}."
+        )
+    return flat
+
+
+def _to_enum(name: str, value: Any):
+    import nfdm_de as nd
+
+    enum_type = getattr(nd, _ENUMS[name])
+    try:
+        return enum_type(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in enum_type)
+        raise ValueError(f"unknown {name} {value!r}; expected one of: {choices}.") from None
+
+
+def _resolve(base, settings: dict[str, Any]):
+    """`base` TrainConfig with the flat `settings` applied."""
+    import nfdm_de as nd
+
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {"model": {}, "optim": {}}
+    for name, value in settings.items():
+        if name in _ENUMS:
+            value = _to_enum(name, value)
+        section = _SECTIONS[name]
+        (top if section is None else nested[section])[name] = value
+    if "data" in top and not os.path.isabs(top["data"]) and top["data"] not in nd.DATASETS:
+        if top["data"].endswith((".npy", ".npz")) or os.sep in top["data"]:
+            top["data"] = os.path.abspath(top["data"])
+        else:
+            nd.get_dataset(top["data"])  # raises the "unknown dataset" message
+    model = dataclasses.replace(base.model, **nested["model"])
+    optim = dataclasses.replace(base.optim, **nested["optim"])
+    return dataclasses.replace(base, model=model, optim=optim, **top)
+
+
+def train(
+    data: Annotated[
+        str | None,
+        typer.Option(help="Built-in dataset name (rings, two-moons, ...) or a .npy/.npz file."),
+    ] = None,
+    forward: Annotated[
+        str | None,
+        typer.Option(
+            help="Forward process: neural-gaussian (default), linear, vp, learned-schedule."
+        ),
+    ] = None,
+    volatility: Annotated[
+        str | None, typer.Option(help="Volatility g(t): learned (default), constant, zero.")
+    ] = None,
+    curvature: Annotated[
+        float | None, typer.Option(help="Weight of the NFDM-OT curvature penalty (default 0).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Total optimiser steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Examples per step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW).")] = None,
+    width: Annotated[int | None, typer.Option(help="Hidden width of the MLPs.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Hidden layers of the MLPs.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed (model, data order, noise).")
+    ] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(help="Run directory (default: runs/<data>-<forward>-<time>)."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file of settings; flags given here override it.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --run-dir from its checkpoint.")
+    ] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (last stdout line).")
+    ] = False,
+    warmup: Annotated[int | None, typer.Option(help="Linear learning-rate warm-up steps.")] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="After warm-up: cosine (default) or constant.")
+    ] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="Decay of the EMA weights.")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+    keep: Annotated[int | None, typer.Option(help="Keep the last K checkpoints.")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Metrics line every N steps.")] = None,
+) -> None:
+    """Train an NFDM; write the config, checkpoints and metrics to the run directory."""
+    import nfdm_de as nd
+
+    flags = {
+        "data": data,
+        "forward": forward,
+        "volatility": volatility,
+        "curvature": curvature,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "width": width,
+        "depth": depth,
+        "seed": seed,
+        "warmup": warmup,
+        "schedule": schedule,
+        "ema_decay": ema_decay,
+        "save_every": save_every,
+        "keep": keep,
+        "log_every": log_every,
+    }
+    try:
+        settings = _read_toml(config) if config is not None else {}
+        toml_run_dir = settings.pop("run_dir", None)
+        settings.update({k: v for k, v in flags.items() if v is not None})
+        directory = run_dir if run_dir is not None else toml_run_dir
+        base = nd.TrainConfig()
+        if directory is not None and resume:
+            stored = nd.read_run_config(os.fspath(directory))
+            if stored is not None:
+                base = stored
+        resolved = _resolve(base, settings)
+        if directory is None:
+            if resume:
+                raise ValueError("--resume needs --run-dir (the run to continue).")
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            name = os.path.splitext(os.path.basename(resolved.data))[0]
+            directory = os.path.join("runs", f"{name}-{resolved.model.forward.value}-{stamp}")
+        directory = os.fspath(directory)
+        typer.echo(
+            f"training {resolved.model.forward.value} / {resolved.model.volatility.value} on "
+            f"{resolved.data} for {resolved.steps} steps -> {directory}",
+            err=True,
+        )
+        result = nd.train(
+            resolved,
+            directory,
+            resume=resume,
+            progress=sys.stderr,
+            log=lambda message: typer.echo(message, err=True),
+        )
+    except ValueError as error:
+        message = " ".join(str(error).split())
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(code=1) from None
+    done = result.steps - result.resumed_from
+    typer.echo(
+        f"trained {done} steps in {result.seconds:.1f} s; final loss {result.final_loss:.4f}; "
+        f"run saved in {result.run_dir}",
+        err=True,
+    )
+    if json_output:
+        summary = {
+            "run_dir": result.run_dir,
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            "seconds": result.seconds,
+            "resumed_from": result.resumed_from,
+            "checkpoint": result.checkpoint,
+            "data": resolved.data,
+            "forward": resolved.model.forward.value,
+            "volatility": resolved.model.volatility.value,
+        }
+        typer.echo(json.dumps(summary))

@@ -1,0 +1,300 @@
+"""Typed run configuration and model construction from it.
+
+Strings become these Enums only in `cli/`; the library takes the typed objects. The mapping from a
+`ForwardChoice` to a forward process lives in ONE table (`_FORWARD_BUILDERS`), so adding a forward
+process is one enum member plus one table line.
+"""
+
+import dataclasses
+import enum
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax.random as jr
+
+from ._custom_types import Key
+from ._forward import (
+    AbstractForwardProcess,
+    LearnedSchedule,
+    LinearInterpolant,
+    VariancePreserving,
+    neural_gaussian,
+)
+from ._model import NFDM
+from ._nn import mlp_predictor
+from ._volatility import (
+    AbstractVolatility,
+    ConstantVolatility,
+    LearnedVolatility,
+    ZeroVolatility,
+)
+
+
+class ForwardChoice(enum.Enum):
+    """The built-in forward processes (DESIGN §2.1)."""
+
+    NEURAL_GAUSSIAN = "neural-gaussian"
+    LINEAR = "linear"
+    VP = "vp"
+    LEARNED_SCHEDULE = "learned-schedule"
+
+
+class VolatilityChoice(enum.Enum):
+    """The built-in volatilities g(t)."""
+
+    LEARNED = "learned"
+    CONSTANT = "constant"
+    ZERO = "zero"
+
+
+class ScheduleChoice(enum.Enum):
+    """Learning-rate shape after the linear warm-up."""
+
+    COSINE = "cosine"
+    CONSTANT = "constant"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that determines the model's architecture.
+
+    - `forward`, `volatility`: which forward process and volatility (see the Enums).
+    - `curvature`: weight lambda of the NFDM-OT curvature penalty (DESIGN §2.4).
+    - `width`, `depth`: hidden width and number of hidden layers of the MLPs.
+    - `delta`: noise scale at t = 0 (the boundary condition F(eps, 0, x) = x + delta eps).
+    - `volatility_value`: g for `constant`, the initial g for `learned`.
+    """
+
+    forward: ForwardChoice = ForwardChoice.NEURAL_GAUSSIAN
+    volatility: VolatilityChoice = VolatilityChoice.LEARNED
+    curvature: float = 0.0
+    width: int = 128
+    depth: int = 3
+    delta: float = 0.01
+    volatility_value: float = 1.0
+
+    def __post_init__(self):
+        _check_enum("forward", self.forward, ForwardChoice)
+        _check_enum("volatility", self.volatility, VolatilityChoice)
+        _check_positive_int("width", self.width)
+        _check_positive_int("depth", self.depth)
+        if not (_is_real(self.curvature) and math.isfinite(self.curvature) and self.curvature >= 0):
+            raise ValueError(f"`curvature` must be a finite number >= 0; got {self.curvature!r}.")
+        if not (_is_real(self.delta) and 0 < self.delta < 1):
+            raise ValueError(f"`delta` must be a number in (0, 1); got {self.delta!r}.")
+        if not (_is_real(self.volatility_value) and self.volatility_value > 0):
+            raise ValueError(f"`volatility_value` must be > 0; got {self.volatility_value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a linear warm-up, then a cosine decay (to `final_lr_fraction * lr`) or a
+    constant rate, and gradient clipping by global norm. `ema_decay` is the decay of the EMA
+    weights used for evaluation."""
+
+    lr: float = 2e-3
+    warmup: int = 200
+    schedule: ScheduleChoice = ScheduleChoice.COSINE
+    final_lr_fraction: float = 0.01
+    clip: float = 1.0
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+
+    def __post_init__(self):
+        _check_enum("schedule", self.schedule, ScheduleChoice)
+        if not (_is_real(self.lr) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"`lr` must be a finite number > 0; got {self.lr!r}.")
+        if not (isinstance(self.warmup, int) and self.warmup >= 0):
+            raise ValueError(f"`warmup` must be an integer >= 0; got {self.warmup!r}.")
+        if not (_is_real(self.clip) and self.clip > 0):
+            raise ValueError(f"`clip` must be > 0; got {self.clip!r}.")
+        if not (_is_real(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"`weight_decay` must be >= 0; got {self.weight_decay!r}.")
+        if not (_is_real(self.ema_decay) and 0 <= self.ema_decay < 1):
+            raise ValueError(f"`ema_decay` must be in [0, 1); got {self.ema_decay!r}.")
+        if not (_is_real(self.final_lr_fraction) and 0 <= self.final_lr_fraction <= 1):
+            raise ValueError(
+                f"`final_lr_fraction` must be in [0, 1]; got {self.final_lr_fraction!r}."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The full, resolved configuration of a training run (stored in the run directory).
+
+    `steps` is the total number of optimiser steps (and the horizon of the cosine schedule);
+    `save_every`, `keep` and `log_every` only affect bookkeeping and may change on resume.
+    """
+
+    data: str = "rings"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    steps: int = 3000
+    batch_size: int = 256
+    seed: int = 0
+    num_train: int = 50_000
+    save_every: int = 1000
+    keep: int = 3
+    log_every: int = 100
+
+    def __post_init__(self):
+        if not (isinstance(self.data, str) and self.data):
+            raise ValueError(f"`data` must be a dataset name or a file path; got {self.data!r}.")
+        _check_positive_int("steps", self.steps)
+        _check_positive_int("batch_size", self.batch_size)
+        _check_positive_int("num_train", self.num_train)
+        _check_positive_int("save_every", self.save_every)
+        _check_positive_int("keep", self.keep)
+        _check_positive_int("log_every", self.log_every)
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0):
+            raise ValueError(f"`seed` must be an integer >= 0; got {self.seed!r}.")
+
+    # Fields that may differ between a checkpoint and the run resuming it.
+    RESUMABLE_FIELDS = ("steps", "save_every", "keep", "log_every")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready nested dict (Enums as their string values)."""
+        return _to_jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Inverse of `to_dict`; unknown keys are an error."""
+        d = dict(d)
+        model = _dataclass_from_dict(ModelConfig, d.pop("model", {}), "model")
+        optim = _dataclass_from_dict(OptimConfig, d.pop("optim", {}), "optim")
+        return _dataclass_from_dict(cls, d, "", model=model, optim=optim)
+
+
+def config_differences(stored: TrainConfig, given: TrainConfig) -> list[str]:
+    """`field: stored -> given` for every field (dotted for nested) that differs."""
+    out = []
+    a, b = _flatten(stored.to_dict()), _flatten(given.to_dict())
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) != b.get(name):
+            out.append(f"{name}: {a.get(name)!r} (stored) vs {b.get(name)!r} (given)")
+    return out
+
+
+# --- model construction -------------------------------------------------------------------------
+
+# The one place that maps a ForwardChoice to a forward process: (config, data size, key) -> process.
+_FORWARD_BUILDERS: dict[ForwardChoice, Callable[[ModelConfig, int, Key], AbstractForwardProcess]]
+_FORWARD_BUILDERS = {
+    ForwardChoice.NEURAL_GAUSSIAN: lambda c, d, k: neural_gaussian(
+        d, width=c.width, depth=c.depth, delta=c.delta, key=k
+    ),
+    ForwardChoice.LINEAR: lambda c, d, k: LinearInterpolant(delta=c.delta),
+    ForwardChoice.VP: lambda c, d, k: VariancePreserving(delta=c.delta),
+    ForwardChoice.LEARNED_SCHEDULE: lambda c, d, k: LearnedSchedule(delta=c.delta, key=k),
+}
+
+_VOLATILITY_BUILDERS: dict[VolatilityChoice, Callable[[ModelConfig, Key], AbstractVolatility]]
+_VOLATILITY_BUILDERS = {
+    VolatilityChoice.LEARNED: lambda c, k: LearnedVolatility(initial=c.volatility_value, key=k),
+    VolatilityChoice.CONSTANT: lambda c, k: ConstantVolatility(c.volatility_value),
+    VolatilityChoice.ZERO: lambda c, k: ZeroVolatility(),
+}
+
+
+def _is_learnable(module) -> bool:
+    import equinox as eqx
+    import jax
+
+    return len(jax.tree.leaves(eqx.filter(module, eqx.is_inexact_array))) > 0
+
+
+def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> NFDM:
+    """Build the NFDM described by `config` for examples of shape `data_shape` (vectors `(D,)`).
+
+    Refuses a deterministic model (`volatility=zero`) with a learnable forward process and no
+    curvature penalty: that objective can be cheated by a degenerate noise schedule (DESIGN §2.3).
+    """
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"`config` must be a ModelConfig; got {type(config).__name__}.")
+    data_shape = tuple(int(n) for n in data_shape)
+    if len(data_shape) != 1 or data_shape[0] < 1:
+        raise ValueError(
+            f"build_model supports vector data of shape (D,) with D >= 1; got {data_shape}."
+        )
+    size = data_shape[0]
+    forward_key, predictor_key, volatility_key = jr.split(key, 3)
+    forward = _FORWARD_BUILDERS[config.forward](config, size, forward_key)
+    if (
+        config.volatility is VolatilityChoice.ZERO
+        and config.curvature == 0
+        and _is_learnable(forward)
+    ):
+        raise ValueError(
+            f"volatility 'zero' with the learnable forward process '{config.forward.value}' needs "
+            "a curvature penalty > 0: without one the deterministic objective degenerates (the "
+            "learned schedule collapses and injects all noise in a sliver of time, DESIGN §2.3); "
+            "use a fixed forward process (linear, vp) or set curvature > 0."
+        )
+    predictor = mlp_predictor(
+        size, width=config.width, depth=config.depth, delta=config.delta, key=predictor_key
+    )
+    volatility = _VOLATILITY_BUILDERS[config.volatility](config, volatility_key)
+    return NFDM(forward, predictor, volatility, data_shape=data_shape)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+
+
+def _check_enum(name: str, value, enum_type) -> None:
+    if not isinstance(value, enum_type):
+        choices = ", ".join(m.value for m in enum_type)
+        raise ValueError(f"`{name}` must be a {enum_type.__name__} ({choices}); got {value!r}.")
+
+
+def _to_jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    return obj
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _dataclass_from_dict(cls, d: dict, where: str, **already):
+    if not isinstance(d, dict):
+        raise ValueError(f"config section '{where}' must be a table; got {d!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {unknown}{f' in {where!r}' if where else ''}; "
+            f"expected some of {sorted(fields)}."
+        )
+    kwargs = dict(already)
+    for name, value in d.items():
+        target = fields[name].type
+        if isinstance(target, type) and issubclass(target, enum.Enum):
+            if not isinstance(value, enum.Enum):
+                try:
+                    value = target(value)
+                except ValueError:
+                    choices = ", ".join(m.value for m in target)
+                    raise ValueError(
+                        f"unknown {name} {value!r}; expected one of: {choices}."
+                    ) from None
+        kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,488 @@
+"""Data: built-in datasets with true densities, file loading, standardisation, the grain pipeline.
+
+Every built-in dataset is a typed object with `name`, `dim`, `sample(key, n)` and `log_prob(x)`
+(on one example; `None` where the density is unknown). The 2-D toy sets and the 10-D mixture have
+exact (or accurate-quadrature) log-densities, used as the truth in NLL benchmarks.
+
+Model space: the networks see standardised data `z = to_model(x)`. The `AffineDataTransform`
+is computed on the *training* data only and stored in the run, so samples and NLLs can be mapped
+back to the data's own units: `nll_data = nll_model - transform.log_det()`.
+"""
+
+import abc
+import math
+import os
+from collections.abc import Callable
+
+import equinox as eqx
+import grain
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Float
+
+from ._custom_types import Key, Scalar
+
+# --- the data transform -------------------------------------------------------------------------
+
+
+class AffineDataTransform(eqx.Module):
+    """z = to_model(x) = (x - shift) / scale, elementwise; `log_det` is log|det d z / d x|.
+
+    Works on one example `(D,)` and, by broadcasting, on a batch `(N, D)`.
+    """
+
+    shift: Float[Array, " dim"]
+    scale: Float[Array, " dim"]
+
+    def __check_init__(self):
+        if self.shift.shape != self.scale.shape or self.shift.ndim != 1:
+            raise ValueError(
+                f"AffineDataTransform needs shift and scale of one shape (D,); got "
+                f"{self.shift.shape} and {self.scale.shape}."
+            )
+
+    @classmethod
+    def identity(cls, dim: int, dtype=None) -> "AffineDataTransform":
+        dtype = dtype or jnp.result_type(float)
+        return cls(jnp.zeros((dim,), dtype), jnp.ones((dim,), dtype))
+
+    @classmethod
+    def standardise(cls, x, *, min_scale: float = 1e-6) -> "AffineDataTransform":
+        """Per-dimension mean and standard deviation of the training data `x` of shape (N, D)."""
+        x = np.asarray(x, dtype=np.float64)
+        shift = x.mean(axis=0)
+        scale = np.maximum(x.std(axis=0), min_scale)
+        dtype = jnp.result_type(float)
+        return cls(jnp.asarray(shift, dtype), jnp.asarray(scale, dtype))
+
+    def to_model(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        return (x - self.shift) / self.scale
+
+    def from_model(self, z: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        return z * self.scale + self.shift
+
+    def log_det(self, x=None) -> Scalar:
+        """log|det d to_model / dx| per example (constant for an affine map; `x` is ignored)."""
+        del x
+        return -jnp.sum(jnp.log(self.scale))
+
+
+# --- built-in datasets --------------------------------------------------------------------------
+
+
+class AbstractDataset(eqx.Module):
+    """A built-in dataset: `sample(key, n) -> (n, dim)` and `log_prob(x)` on one example.
+
+    `num_levels` is K for integer data in [0, K) (dequantised by the pipeline), else None.
+    """
+
+    name: eqx.AbstractClassVar[str]
+    dim: eqx.AbstractClassVar[int]
+    num_levels: eqx.AbstractClassVar[int | None]
+
+    @abc.abstractmethod
+    def sample(self, key: Key, n: int) -> Float[Array, "n dim"]:
+        """n independent draws."""
+
+    def log_prob(self, x: Float[Array, " dim"]) -> Scalar | None:
+        """The true log-density at one point, or None when unknown."""
+        return None
+
+    @property
+    def has_log_prob(self) -> bool:
+        return type(self).log_prob is not AbstractDataset.log_prob
+
+
+def _log_normal(x, mean, std):
+    """log N(x; mean, std^2 I) summed over the last axis (broadcasting)."""
+    d = x.shape[-1]
+    return (
+        -0.5 * jnp.sum(((x - mean) / std) ** 2, axis=-1)
+        - d * jnp.log(std)
+        - 0.5 * d * math.log(2 * math.pi)
+    )
+
+
+class EightGaussians(AbstractDataset):
+    """Equal mixture of 8 isotropic Gaussians (std 0.2) centred on a circle of radius 2."""
+
+    name = "eight-gaussians"
+    dim = 2
+    num_levels = None
+    radius: float = 2.0
+    std: float = 0.2
+
+    def _centres(self, dtype):
+        angles = jnp.arange(8, dtype=dtype) * (2 * math.pi / 8)
+        return self.radius * jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+    def sample(self, key, n):
+        dtype = jnp.result_type(float)
+        k1, k2 = jr.split(key)
+        which = jr.randint(k1, (n,), 0, 8)
+        return self._centres(dtype)[which] + self.std * jr.normal(k2, (n, 2), dtype)
+
+    def log_prob(self, x):
+        logs = _log_normal(x[None, :], self._centres(x.dtype), self.std)
+        return jax.nn.logsumexp(logs) - math.log(8)
+
+
+class Checkerboard(AbstractDataset):
+    """Uniform on the 8 unit squares of [-2, 2]^2 where floor(x) + floor(y) is even: density
+    1/8 there and 0 elsewhere (sharp edges; log_prob = -inf off the board)."""
+
+    name = "checkerboard"
+    dim = 2
+    num_levels = None
+
+    def sample(self, key, n):
+        dtype = jnp.result_type(float)
+        k1, k2 = jr.split(key)
+        cell = jr.randint(k1, (n,), 0, 8)
+        row = cell // 2  # 4 rows, 2 black cells each
+        col = 2 * (cell % 2) + (row % 2)  # floor(x) + floor(y) even after the -2 shift
+        corner = jnp.stack([col, row], axis=-1).astype(dtype) - 2
+        return corner + jr.uniform(k2, (n, 2), dtype)
+
+    def log_prob(self, x):
+        inside = jnp.all((x >= -2) & (x < 2))
+        black = (jnp.sum(jnp.floor(x)).astype(jnp.int32) % 2) == 0
+        return jnp.where(inside & black, -math.log(8.0), -jnp.inf).astype(x.dtype)
+
+
+class _CurveMixture(AbstractDataset):
+    """Points uniform in the parameter u of one of several curves c_k(u), u in [0, 1], plus
+    isotropic Gaussian noise:
+
+        p(x) = 1/K sum_k int_0^1 N(x; c_k(u), std^2 I) du
+
+    The integral is computed by Gauss-Legendre quadrature on `num_panels` panels of 8 nodes; the
+    nodes are far closer than `std` in arc length, so the error is negligible (checked in tests).
+    """
+
+    num_levels = None
+
+    @abc.abstractmethod
+    def _curves(self, u: Array) -> Array:
+        """(K, *u.shape, 2): every curve at parameters u."""
+
+    std: eqx.AbstractClassVar[float]
+    num_panels: eqx.AbstractClassVar[int]
+
+    def sample(self, key, n):
+        dtype = jnp.result_type(float)
+        k1, k2, k3 = jr.split(key, 3)
+        u = jr.uniform(k1, (n,), dtype)
+        curves = self._curves(u)  # (K, n, 2)
+        which = jr.randint(k2, (n,), 0, curves.shape[0])
+        points = curves[which, jnp.arange(n)]
+        return points + self.std * jr.normal(k3, (n, 2), dtype)
+
+    def log_prob(self, x):
+        nodes, weights = np.polynomial.legendre.leggauss(8)
+        edges = np.linspace(0.0, 1.0, self.num_panels + 1)
+        half = 0.5 * (edges[1:] - edges[:-1])
+        u = ((edges[:-1] + half)[:, None] + half[:, None] * nodes[None, :]).reshape(-1)
+        w = (half[:, None] * weights[None, :]).reshape(-1)
+        u, log_w = jnp.asarray(u, x.dtype), jnp.log(jnp.asarray(w, x.dtype))
+        centres = self._curves(u)  # (K, Q, 2)
+        logs = _log_normal(x, centres, self.std) + log_w
+        return jax.nn.logsumexp(logs) - math.log(centres.shape[0])
+
+
+class TwoMoons(_CurveMixture):
+    """Two interleaved half circles (radius 1) with uniform angle, plus N(0, 0.1^2 I) noise."""
+
+    name = "two-moons"
+    dim = 2
+    std = 0.1
+    num_panels = 16
+
+    def _curves(self, u):
+        theta = math.pi * u
+        upper = jnp.stack([jnp.cos(theta), jnp.sin(theta)], axis=-1)
+        lower = jnp.stack([1 - jnp.cos(theta), 0.5 - jnp.sin(theta)], axis=-1)
+        # Centre the pair at the origin.
+        offset = jnp.asarray([0.5, 0.25], u.dtype)
+        return jnp.stack([upper - offset, lower - offset])
+
+
+class Spirals(_CurveMixture):
+    """Two interleaved Archimedean spirals r = 0.25 + 2.25 u, angle 3 pi u (+ pi for the second
+    arm), uniform in u, plus N(0, 0.1^2 I) noise."""
+
+    name = "spirals"
+    dim = 2
+    std = 0.1
+    num_panels = 96
+
+    def _curves(self, u):
+        r = 0.25 + 2.25 * u
+        angle = 3 * math.pi * u
+        arm = r[..., None] * jnp.stack([jnp.cos(angle), jnp.sin(angle)], axis=-1)
+        return jnp.stack([arm, -arm])
+
+
+class Rings(AbstractDataset):
+    """Concentric rings: uniform angle, radius r ~ N(r_k, std^2) with ring k chosen with
+    probability proportional to r_k.
+
+    With x = r (cos a, sin a) and r allowed to be negative, the map (r, a) -> x is two-to-one, so
+
+        p(x) = [p_r(|x|) + p_r(-|x|)] / (2 pi |x|),   p_r = sum_k w_k N(r; r_k, std^2).
+    """
+
+    name = "rings"
+    dim = 2
+    num_levels = None
+    radii: tuple[float, ...] = (0.75, 1.5, 2.25)
+    std: float = 0.08
+
+    def _weights(self, dtype):
+        r = jnp.asarray(self.radii, dtype)
+        return r / jnp.sum(r)
+
+    def sample(self, key, n):
+        dtype = jnp.result_type(float)
+        k1, k2, k3 = jr.split(key, 3)
+        which = jr.choice(k1, len(self.radii), (n,), p=self._weights(dtype))
+        r = jnp.asarray(self.radii, dtype)[which] + self.std * jr.normal(k2, (n,), dtype)
+        a = jr.uniform(k3, (n,), dtype, 0, 2 * math.pi)
+        return r[:, None] * jnp.stack([jnp.cos(a), jnp.sin(a)], axis=-1)
+
+    def log_prob(self, x):
+        rho = jnp.sqrt(jnp.sum(x**2))
+        radii = jnp.asarray(self.radii, x.dtype)
+        log_w = jnp.log(self._weights(x.dtype))
+        r = jnp.stack([rho, -rho])[:, None]
+        logs = (
+            log_w
+            - 0.5 * ((r - radii) / self.std) ** 2
+            - math.log(self.std)
+            - 0.5 * math.log(2 * math.pi)
+        )
+        return jax.nn.logsumexp(logs) - jnp.log(2 * math.pi * rho)
+
+
+class GaussianMixture10D(AbstractDataset):
+    """A 10-D mixture of 4 Gaussians with diagonal covariances: well separated means at distance
+    ~4 from the origin along fixed random directions, standard deviations in [0.5, 1]."""
+
+    name = "gmm-10d"
+    dim = 10
+    num_levels = None
+
+    def _parameters(self, dtype):
+        rng = np.random.default_rng(1234)  # fixed: part of the dataset's definition
+        directions = rng.normal(size=(4, self.dim))
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        means = 4.0 * directions
+        stds = rng.uniform(0.5, 1.0, size=(4, self.dim))
+        weights = np.array([0.4, 0.3, 0.2, 0.1])
+        return (jnp.asarray(a, dtype) for a in (means, stds, weights))
+
+    def sample(self, key, n):
+        dtype = jnp.result_type(float)
+        means, stds, weights = self._parameters(dtype)
+        k1, k2 = jr.split(key)
+        which = jr.choice(k1, 4, (n,), p=weights)
+        return means[which] + stds[which] * jr.normal(k2, (n, self.dim), dtype)
+
+    def log_prob(self, x):
+        means, stds, weights = self._parameters(x.dtype)
+        logs = (
+            -0.5 * jnp.sum(((x - means) / stds) ** 2, axis=-1)
+            - jnp.sum(jnp.log(stds), axis=-1)
+            - 0.5 * self.dim * math.log(2 * math.pi)
+        )
+        return jax.nn.logsumexp(logs + jnp.log(weights))
+
+
+class Digits(AbstractDataset):
+    """scikit-learn's bundled 8x8 digits as vectors of 64 integers in [0, 17) (no download).
+
+    `sample` draws rows of the training split with replacement; the density is unknown.
+    """
+
+    name = "digits"
+    dim = 64
+    num_levels = 17
+
+    def sample(self, key, n):
+        rows = _digits_split("train")
+        index = np.asarray(jr.randint(key, (n,), 0, rows.shape[0]))
+        return jnp.asarray(rows[index], jnp.result_type(float))
+
+
+def _digits_split(split: str) -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    x = load_digits().data.astype(np.float64)
+    order = np.random.default_rng(0).permutation(x.shape[0])
+    num_test = x.shape[0] // 5
+    return x[order[num_test:]] if split == "train" else x[order[:num_test]]
+
+
+DATASETS: dict[str, Callable[[], AbstractDataset]] = {
+    cls.name: cls
+    for cls in (EightGaussians, Checkerboard, TwoMoons, Spirals, Rings, GaussianMixture10D, Digits)
+}
+
+
+def get_dataset(name: str) -> AbstractDataset:
+    """The built-in dataset called `name` (see `DATASETS`)."""
+    if name not in DATASETS:
+        raise ValueError(
+            f"unknown dataset {name!r}; expected a .npy/.npz file or one of: {', '.join(DATASETS)}."
+        )
+    return DATASETS[name]()
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+_SPLIT_STREAM = {"train": 0, "test": 1}
+
+
+def is_file_reference(name_or_path: str) -> bool:
+    """True if `name_or_path` names a file rather than a built-in dataset."""
+    return name_or_path.endswith((".npy", ".npz")) or os.sep in name_or_path
+
+
+def _load_array_file(path: str) -> np.ndarray:
+    if not path.endswith((".npy", ".npz")):
+        raise ValueError(f"data file {path!r} must be a .npy or .npz file.")
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path!r} does not exist.")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"cannot read data file {path!r}: {error}") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            names = list(loaded.files)
+            if not names:
+                raise ValueError(f"data file {path!r} holds no arrays.")
+            key = "x" if "x" in names else ("data" if "data" in names else names[0])
+            if len(names) > 1 and key == names[0] and key not in ("x", "data"):
+                raise ValueError(
+                    f"data file {path!r} holds several arrays {names}; name the data array 'x'."
+                )
+            try:
+                array = loaded[key]
+            except ValueError as error:
+                raise ValueError(f"cannot read array {key!r} of {path!r}: {error}") from None
+    else:
+        array = loaded
+    return array
+
+
+def check_data_array(array, where: str) -> np.ndarray:
+    """A finite float array of shape (N, D) with N >= 1, or a ValueError saying what is wrong."""
+    if array.dtype == object or array.dtype.kind not in "biuf":
+        raise ValueError(
+            f"{where}: expected a numeric array of shape (N, D); got dtype {array.dtype} "
+            "(a ragged or non-numeric array)."
+        )
+    if array.ndim != 2:
+        raise ValueError(
+            f"{where}: expected an array of shape (N, D) (rank 2); got shape {array.shape}."
+        )
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise ValueError(f"{where}: the array is empty (shape {array.shape}).")
+    array = array.astype(np.float64)
+    bad = ~np.isfinite(array)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise ValueError(
+            f"{where}: the data contain {int(bad.sum())} NaN/inf value(s) (first in row {row})."
+        )
+    return array
+
+
+def load_dataset(
+    name_or_path: str, *, split: str = "train", num: int | None = None, seed: int = 0
+) -> np.ndarray:
+    """Data in the data's own units, as a float64 numpy array of shape (N, D).
+
+    - built-in toy sets: `num` fresh samples (default 50,000 for train and 10,000 for test),
+      drawn from `seed`; the test split uses a different random stream than the train split, so
+      it is held out.
+    - `digits`: the fixed 80/20 train/test split of the 1,797 images, integers in [0, 17).
+    - a `.npy`/`.npz` file of shape (N, D) (`split` is ignored: pass a separate test file).
+
+    `num`, when given for a finite set, takes the first `num` rows.
+    """
+    if split not in _SPLIT_STREAM:
+        raise ValueError(f"`split` must be 'train' or 'test'; got {split!r}.")
+    if num is not None and not (isinstance(num, int) and num > 0):
+        raise ValueError(f"`num` must be a positive integer or None; got {num!r}.")
+    if is_file_reference(name_or_path):
+        array = check_data_array(_load_array_file(name_or_path), f"data file {name_or_path!r}")
+    elif name_or_path == Digits.name:
+        array = _digits_split(split)
+    else:
+        dataset = get_dataset(name_or_path)
+        n = num or (50_000 if split == "train" else 10_000)
+        key = jr.fold_in(jr.key(seed), _SPLIT_STREAM[split])
+        # One compiled call is much cheaper than dispatching the sampler's ops one by one.
+        sample = eqx.filter_jit(lambda dataset, key: dataset.sample(key, n))
+        return np.asarray(sample(dataset, key), dtype=np.float64)
+    return array if num is None else array[:num]
+
+
+def dataset_num_levels(name_or_path: str) -> int | None:
+    """K for integer data in [0, K) that is dequantised in training (digits: 17), else None."""
+    if is_file_reference(name_or_path):
+        return None
+    return get_dataset(name_or_path).num_levels
+
+
+def fit_transform(name_or_path: str, train: np.ndarray) -> AffineDataTransform:
+    """The map into model space, computed on the training data only.
+
+    Continuous data are standardised per dimension. Integer data in [0, K) are first dequantised
+    to y = (x + u) / K in [0, 1) by the pipeline; the transform then maps y with one scalar
+    scale and shift for all dimensions (DESIGN §2.6: s = a y + b), fitted to the dequantised
+    training data (mean of (x + 1/2) / K, its standard deviation).
+    """
+    levels = dataset_num_levels(name_or_path)
+    if levels is None:
+        return AffineDataTransform.standardise(train)
+    y = (train + 0.5) / levels
+    dtype = jnp.result_type(float)
+    dim = train.shape[1]
+    shift = jnp.full((dim,), y.mean(), dtype)
+    scale = jnp.full((dim,), max(float(y.std()), 1e-6), dtype)
+    return AffineDataTransform(shift, scale)
+
+
+# --- the grain pipeline -------------------------------------------------------------------------
+
+
+class _Gather:
+    """grain map: a batch of row indices -> the rows (one numpy gather per batch)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        return self.array[index]
+
+
+def batch_dataset(array: np.ndarray, *, batch_size: int, seed: int) -> grain.MapDataset:
+    """Infinite, seeded, reshuffled-every-epoch batches of rows of `array`.
+
+    `MapDataset` is random access: batch `i` is a pure function of (array, seed, i), so the
+    iterator state is the index of the next batch, and a resumed run sees the same data order.
+    """
+    if array.ndim != 2:
+        raise ValueError(f"expected a training array of shape (N, D); got {array.shape}.")
+    indices = grain.MapDataset.range(array.shape[0]).shuffle(seed=seed).repeat()
+    return indices.batch(batch_size).map(_Gather(array))
+
+
+def dequantise(key: Key, x: Float[Array, " *shape"], num_levels: int) -> Float[Array, " *shape"]:
+    """y = (x + u) / K with u ~ U[0, 1)^D: integers in [0, K) to a density on [0, 1)^D."""
+    return (x + jr.uniform(key, x.shape, x.dtype)) / num_levels

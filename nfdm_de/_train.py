@@ -1,0 +1,513 @@
+"""Training: optimiser, EMA, the jitted train step, the loop, run directories and `load_run`.
+
+A run directory holds
+
+    config.json        the resolved `TrainConfig` (JSON)
+    metrics.jsonl      one JSON object per logged interval (loss terms, lr, grad norm, steps/s)
+    checkpoints/       step_XXXXXXXX.eqx, the last `keep` of them (see `_checkpoint`)
+
+Exact resume: the randomness of step s is `fold_in(key, s)` and batch s is a pure function of
+(data, seed, s) (a grain `MapDataset`), so a run resumed from a checkpoint at step s computes
+bit-identical parameters to a run that never stopped.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+from jaxtyping import Array, Float, UInt
+
+from ._checkpoint import (
+    atomic_write_bytes,
+    latest_checkpoint,
+    load_checkpoint,
+    read_header,
+    save_checkpoint,
+)
+from ._config import (
+    OptimConfig,
+    ScheduleChoice,
+    TrainConfig,
+    build_model,
+    config_differences,
+)
+from ._data import (
+    AffineDataTransform,
+    batch_dataset,
+    dataset_num_levels,
+    dequantise,
+    fit_transform,
+    is_file_reference,
+    load_dataset,
+)
+from ._loss import LossBreakdown, loss
+from ._model import NFDM
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainingDiverged(ValueError):
+    """The loss became non-finite; the last good checkpoint is kept."""
+
+
+# --- optimiser and state ------------------------------------------------------------------------
+
+
+def learning_rate_schedule(config: OptimConfig, steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 to `lr` over `warmup` steps, then cosine decay to
+    `final_lr_fraction * lr` at `steps` (or constant)."""
+    warmup = min(config.warmup, max(steps - 1, 0))
+    if config.schedule is ScheduleChoice.COSINE:
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=config.lr,
+            warmup_steps=warmup,
+            decay_steps=max(steps, warmup + 1),
+            end_value=config.lr * config.final_lr_fraction,
+        )
+    if warmup == 0:
+        return optax.constant_schedule(config.lr)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, config.lr, warmup), optax.constant_schedule(config.lr)],
+        [warmup],
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def make_optimizer(config: OptimConfig, steps: int) -> optax.GradientTransformation:
+    """Gradient clipping by global norm, then AdamW on the schedule above.
+
+    Cached: the same settings give the same object, so the jitted step (which takes the optimiser
+    as a static argument) is not recompiled when a run is resumed in the same process."""
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip),
+        optax.adamw(learning_rate_schedule(config, steps), weight_decay=config.weight_decay),
+    )
+
+
+class TrainState(eqx.Module):
+    """Everything a checkpoint holds besides its JSON header (step, data-iterator state)."""
+
+    model: NFDM
+    ema_model: NFDM
+    opt_state: Any
+    key: UInt[Array, "..."]  # raw key data of the training stream (jr.key_data)
+    transform: AffineDataTransform
+
+
+def _params(model):
+    return eqx.filter(model, eqx.is_inexact_array)
+
+
+def init_train_state(
+    config: TrainConfig,
+    data_shape: tuple[int, ...],
+    transform: AffineDataTransform | None = None,
+) -> TrainState:
+    """A fresh state: model from `config.model` and `config.seed`, EMA = model, optimiser state."""
+    model_key, train_key = jr.split(jr.key(config.seed))
+    model = build_model(config.model, data_shape, model_key)
+    optimizer = make_optimizer(config.optim, config.steps)
+    opt_state = optimizer.init(_params(model))
+    if transform is None:
+        transform = AffineDataTransform.identity(data_shape[0])
+    return TrainState(model, model, opt_state, jr.key_data(train_key), transform)
+
+
+# --- the step -----------------------------------------------------------------------------------
+
+
+@eqx.filter_jit
+def train_step(
+    state: TrainState,
+    batch: Float[Array, " batch dim"],
+    step: Array,
+    optimizer: optax.GradientTransformation,
+    *,
+    curvature_weight: float,
+    ema_decay: float,
+    num_levels: int | None,
+) -> tuple[TrainState, LossBreakdown, Array]:
+    """One optimiser step on `batch` (in the data's units) at integer `step`.
+
+    Returns the new state, the batch-mean `LossBreakdown` and the gradient's global norm.
+    """
+    key = jr.fold_in(jr.wrap_key_data(state.key), step)
+    dequantise_key, loss_key = jr.split(key)
+    x = batch
+    if num_levels is not None:
+        x = dequantise(dequantise_key, x, num_levels)
+    x = state.transform.to_model(x)
+
+    params, static = eqx.partition(state.model, eqx.is_inexact_array)
+
+    def objective(params):
+        return loss(eqx.combine(params, static), loss_key, x, curvature_weight=curvature_weight)
+
+    (_, breakdown), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
+    model = eqx.combine(params, static)
+    # EMA whose decay warms up, so early EMA weights are not dominated by the initialisation.
+    decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+    ema_params, ema_static = eqx.partition(state.ema_model, eqx.is_inexact_array)
+    ema_params = jax.tree.map(
+        lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), ema_params, params
+    )
+    ema_model = eqx.combine(ema_params, ema_static)
+    new_state = TrainState(model, ema_model, opt_state, state.key, state.transform)
+    return new_state, breakdown, optax.global_norm(grads)
+
+
+# --- run directories ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+    """A trained run, ready for evaluation.
+
+    - `model`: the NFDM with the EMA weights (cast to the current default float dtype);
+    - `config`: the resolved `TrainConfig`;
+    - `transform`: the `AffineDataTransform` data -> model space (`to_model`, `from_model`,
+      `log_det`); NLL in data units is `nll_model - transform.log_det()`;
+    - `dataset`: the built-in dataset name or the data file's path the run was trained on;
+    - `num_levels`: K for dequantised integer data (digits: 17), else None; then the transform
+      acts on y = (x + u) / K;
+    - `step`: the optimiser step of the checkpoint; `path`: its file;
+    - `raw_model`: the non-averaged weights.
+    """
+
+    model: NFDM
+    config: TrainConfig
+    transform: AffineDataTransform
+    dataset: str
+    num_levels: int | None
+    step: int
+    path: str
+    raw_model: NFDM
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
+
+
+def _state_skeleton(config: TrainConfig, header: dict[str, Any]) -> TrainState:
+    data_shape = tuple(header["data_shape"])
+    skeleton = eqx.filter_eval_shape(init_train_state, config, data_shape)
+    # The checkpoint may have been written in another float precision (float32 outside tests).
+    dtype = jnp.dtype(header.get("dtype", "float32"))
+
+    def retype(leaf):
+        if isinstance(leaf, jax.ShapeDtypeStruct) and jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jax.ShapeDtypeStruct(leaf.shape, dtype)
+        return leaf
+
+    return jax.tree.map(retype, skeleton)
+
+
+def load_run(run_dir: str) -> LoadedRun:
+    """Load the latest checkpoint of the run in `run_dir` (EMA weights as `.model`)."""
+    run_dir = os.fspath(run_dir)
+    path = latest_checkpoint(os.path.join(run_dir, CHECKPOINT_DIR))
+    if path is None:
+        raise ValueError(
+            f"{run_dir!r} holds no nfdm-de checkpoint (expected {CHECKPOINT_DIR}/step_*.eqx); "
+            "train one with `nfdm-de train --run-dir ...`."
+        )
+    header = read_header(path)
+    config = TrainConfig.from_dict(header["config"])
+    _, state = load_checkpoint(path, _state_skeleton(config, header))
+    dtype = jnp.result_type(float)
+    return LoadedRun(
+        model=_cast_floats(state.ema_model, dtype),
+        config=config,
+        transform=_cast_floats(state.transform, dtype),
+        dataset=config.data,
+        num_levels=header.get("num_levels"),
+        step=int(header["step"]),
+        path=path,
+        raw_model=_cast_floats(state.model, dtype),
+    )
+
+
+def read_run_config(run_dir: str) -> TrainConfig | None:
+    """The resolved config stored in `run_dir`, or None when there is none."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return TrainConfig.from_dict(json.load(f))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read the run config {path!r}: {error}") from None
+
+
+def _check_run_directory(run_dir: str, config: TrainConfig, resume: bool) -> None:
+    """Refuse to overwrite anything: a non-empty directory needs `resume`, and then must hold a
+    run whose config matches in every non-resumable field."""
+    if not os.path.exists(run_dir):
+        return
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"run directory {run_dir!r} exists and is not a directory.")
+    if not os.listdir(run_dir):
+        return
+    stored = read_run_config(run_dir)
+    if not resume:
+        what = "a run" if stored is not None else "other files"
+        raise ValueError(
+            f"run directory {run_dir!r} already holds {what}; pass --resume to continue it or "
+            "choose a new --run-dir."
+        )
+    if stored is None:
+        raise ValueError(
+            f"cannot resume: {run_dir!r} is not empty and holds no nfdm-de run ({CONFIG_FILE})."
+        )
+    _check_compatible(stored, config, f"the run in {run_dir!r}")
+
+
+def _check_compatible(stored: TrainConfig, given: TrainConfig, what: str) -> None:
+    differences = [
+        d
+        for d in config_differences(stored, given)
+        if d.split(":")[0] not in TrainConfig.RESUMABLE_FIELDS
+    ]
+    if differences:
+        raise ValueError(
+            f"cannot resume {what} with a different configuration: " + "; ".join(differences)
+        )
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    run_dir: str
+    steps: int
+    final_loss: float
+    seconds: float
+    resumed_from: int
+    checkpoint: str | None
+
+
+class _Progress:
+    """A one-line progress bar on stderr (a line per update when stderr is not a terminal)."""
+
+    def __init__(self, total: int, stream: TextIO | None, start: int):
+        self.total, self.stream, self.start = total, stream, start
+        self.tty = stream is not None and stream.isatty()
+        self.last = 0.0
+
+    def update(self, step: int, loss: float, rate: float, force: bool = False) -> None:
+        if self.stream is None:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < (0.2 if self.tty else 10.0):
+            return
+        self.last = now
+        frac = step / self.total
+        bar = "#" * int(25 * frac) + "." * (25 - int(25 * frac))
+        text = f"[{bar}] {step}/{self.total}  loss {loss:.4f}  {rate:.1f} steps/s"
+        self.stream.write(("\r" + text) if self.tty else (text + "\n"))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.stream is not None and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _tree_is_finite(tree) -> bool:
+    leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop metrics of work lost after the checkpoint we resume from (atomic rewrite)."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line from a killed process
+    atomic_write_bytes(path, "".join(kept).encode())
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str,
+    *,
+    resume: bool = False,
+    stop_at: int | None = None,
+    progress: TextIO | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train the model described by `config`, writing checkpoints and metrics to `run_dir`.
+
+    - `resume`: continue from the latest checkpoint in `run_dir` (a fresh start if it has none).
+      Without it, a non-empty `run_dir` is an error (nothing is overwritten).
+    - `stop_at`: stop (after saving) at this step, before `config.steps`; the schedule still
+      targets `config.steps`, so a later `resume` is exactly a run that never stopped.
+    - `progress`: a stream for the progress bar (e.g. `sys.stderr`); `log`: for messages.
+
+    Raises `TrainingDiverged` (a `ValueError`) if the loss becomes non-finite; the last good
+    checkpoint is kept and no non-finite state is saved.
+    """
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"`config` must be a TrainConfig; got {type(config).__name__}.")
+    log = log or (lambda message: None)
+    run_dir = os.fspath(run_dir)
+    if is_file_reference(config.data):
+        config = dataclasses.replace(config, data=os.path.abspath(config.data))
+    _check_run_directory(run_dir, config, resume)
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+
+    # Validate the data before creating anything on disk.
+    num = None if is_file_reference(config.data) or config.data == "digits" else config.num_train
+    data = load_dataset(config.data, split="train", num=num, seed=config.seed)
+    num_levels = dataset_num_levels(config.data)
+    data_shape = data.shape[1:]
+    dtype = jnp.result_type(float)
+
+    checkpoint_dir = os.path.join(run_dir, CHECKPOINT_DIR)
+    metrics_path = os.path.join(run_dir, METRICS_FILE)
+    latest = latest_checkpoint(checkpoint_dir) if resume else None
+    if latest is not None:
+        header = read_header(latest)
+        _check_compatible(TrainConfig.from_dict(header["config"]), config, f"checkpoint {latest!r}")
+        if jnp.dtype(header.get("dtype")) != dtype:
+            raise ValueError(
+                f"checkpoint {latest!r} was trained in {header.get('dtype')}, but this process "
+                f"computes in {dtype}; resume in the same precision."
+            )
+        _, state = load_checkpoint(latest, _state_skeleton(config, header))
+        step = int(header["step"])
+        final_loss = float(header.get("loss", math.nan))
+        iterator_state = header["data_iterator"]
+        _truncate_metrics(metrics_path, step)
+        log(f"resuming {run_dir} from step {step}")
+    else:
+        transform = fit_transform(config.data, data)
+        state = init_train_state(config, data_shape, transform)
+        step = 0
+        final_loss = math.nan
+        iterator_state = None
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_bytes(
+        os.path.join(run_dir, CONFIG_FILE), json.dumps(config.to_dict(), indent=2).encode()
+    )
+
+    optimizer = make_optimizer(config.optim, config.steps)
+    schedule = learning_rate_schedule(config.optim, config.steps)
+    batches = batch_dataset(data, batch_size=config.batch_size, seed=config.seed)
+    iterator = iter(batches.to_iter_dataset())
+    if iterator_state is not None:
+        iterator.set_state(iterator_state)
+    step_fn = functools.partial(
+        train_step,
+        optimizer=optimizer,
+        curvature_weight=float(config.model.curvature),
+        ema_decay=float(config.optim.ema_decay),
+        num_levels=num_levels,
+    )
+
+    def header_for(step: int, loss_value: float) -> dict[str, Any]:
+        return {
+            "config": config.to_dict(),
+            "data_shape": list(data_shape),
+            "dtype": str(jnp.dtype(dtype)),
+            "num_levels": num_levels,
+            "data_iterator": iterator.get_state(),
+            "loss": loss_value,
+        }
+
+    start_step = step
+    bar = _Progress(config.steps, progress, start_step)
+    pending: list[tuple[int, LossBreakdown, Array]] = []
+    checkpoint = latest
+    started = interval_start = time.perf_counter()
+    interval_steps = 0
+    try:
+        while step < end:
+            batch = jnp.asarray(next(iterator), dtype)
+            state, breakdown, grad_norm = step_fn(state, batch, jnp.asarray(step))
+            step += 1
+            interval_steps += 1
+            pending.append((step, breakdown, grad_norm))
+            log_now = step % config.log_every == 0
+            save_now = step % config.save_every == 0 or step == end
+            if not (log_now or save_now):
+                # Keep the bar moving without forcing a device sync on every step.
+                continue
+            terms = jax.device_get([(b, g) for _, b, g in pending])
+            totals = np.array([float(b.total) for b, _ in terms])
+            if not np.all(np.isfinite(totals)):
+                bad = pending[int(np.argmin(np.isfinite(totals)))][0]
+                last_good = latest_checkpoint(checkpoint_dir)
+                raise TrainingDiverged(
+                    f"training stopped: the loss became non-finite "
+                    f"({totals[~np.isfinite(totals)][0]}) at step {bad}; the last good checkpoint "
+                    + (f"is {last_good}" if last_good else "does not exist (none was saved yet)")
+                    + "; lower --lr or check the data."
+                )
+            now = time.perf_counter()
+            rate = interval_steps / max(now - interval_start, 1e-9)
+            final_loss = float(totals.mean())
+            record = {
+                "step": step,
+                "loss": final_loss,
+                **{
+                    name: float(np.mean([float(getattr(b, name)) for b, _ in terms]))
+                    for name in ("diffusion", "prior", "reconstruction", "curvature")
+                },
+                "grad_norm": float(np.mean([float(g) for _, g in terms])),
+                "lr": float(schedule(step - 1)),
+                "steps_per_sec": rate,
+                "seconds": now - started,
+            }
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            pending.clear()
+            interval_start, interval_steps = now, 0
+            bar.update(step, final_loss, rate, force=step == end)
+            if save_now:
+                if not _tree_is_finite(state):
+                    raise TrainingDiverged(
+                        f"training stopped: the parameters became non-finite by step {step}; "
+                        f"the last good checkpoint is {latest_checkpoint(checkpoint_dir)}."
+                    )
+                checkpoint = save_checkpoint(
+                    checkpoint_dir, step, state, header_for(step, final_loss), keep=config.keep
+                )
+    finally:
+        bar.close()
+    return TrainResult(
+        run_dir=run_dir,
+        steps=step,
+        final_loss=final_loss,
+        seconds=time.perf_counter() - started,
+        resumed_from=start_step,
+        checkpoint=checkpoint,
+    )
+
+
+def _stderr_log(message: str) -> None:
+    sys.stderr.write(message + "\n")
