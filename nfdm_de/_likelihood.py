@@ -14,6 +14,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Float, Shaped
 
 from ._custom_types import Key
@@ -37,30 +38,35 @@ class Dequantization(eqx.Module):
 
         y = (x + u) / K,  u ~ U[0, 1)^D;   s = scale * y + shift
 
-    so that log P(x) >= E_u[log p(s)] + D log(scale) - D log K. The second and third terms are
-    the explicit `offset`: the change of variables from the integer grid to model space.
+    so that log P(x) >= E_u[log p(s)] + sum_d log(scale_d) - D log K. The last two terms are the
+    explicit `offset`: the change of variables from the integer grid to model space. `scale` and
+    `shift` are scalars or arrays broadcastable to one example's shape (a per-dimension affine
+    map, e.g. a run's data transform).
     """
 
     num_levels: int
-    scale: float = 2.0
-    shift: float = -1.0
+    scale: float | Array = 2.0
+    shift: float | Array = -1.0
 
     def __check_init__(self):
         if not (isinstance(self.num_levels, int) and self.num_levels >= 2):
             raise ValueError(f"`num_levels` must be an integer >= 2; got {self.num_levels!r}.")
-        if not self.scale > 0:
+        if not bool(jnp.all(jnp.asarray(self.scale) > 0)):
             raise ValueError(f"Dequantization `scale` must be positive; got {self.scale!r}.")
 
-    def offset(self, size: int) -> float:
-        """D log(scale) - D log(K), to add to log p(s) for a lower bound on log P(x)."""
-        return size * (math.log(self.scale) - math.log(self.num_levels))
+    def offset(self, shape: tuple[int, ...] | int) -> float:
+        """sum_d log(scale_d) - D log(K) for one example of `shape` (or D = `shape`), to add to
+        log p(s) for a lower bound on log P(x)."""
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        log_scale = np.broadcast_to(np.log(np.asarray(self.scale, np.float64)), shape)
+        return float(np.sum(log_scale)) - math.prod(shape) * math.log(self.num_levels)
 
     def __call__(self, key: Key, x: Shaped[Array, " batch *shape"], dtype=None) -> Array:
         """Dequantized model-space points s for integer data `x`."""
         dtype = jnp.result_type(float) if dtype is None else dtype
         u = jr.uniform(key, x.shape, dtype)
         y = (x.astype(dtype) + u) / self.num_levels
-        return self.scale * y + self.shift
+        return (jnp.asarray(self.scale, dtype) * y + jnp.asarray(self.shift, dtype)).astype(dtype)
 
 
 def _check_data(model: NFDM, x: Array) -> None:
@@ -187,7 +193,7 @@ def log_likelihood(
     if dequantization is not None:
         _check_discrete(x, dequantization)
         x = dequantization(dequantization_key, x)
-        offset = dequantization.offset(math.prod(model.data_shape))
+        offset = dequantization.offset(model.data_shape)
     elif not jnp.issubdtype(x.dtype, jnp.inexact):
         x = x.astype(jnp.result_type(float))
     num = x.shape[0]
@@ -249,7 +255,7 @@ def variational_bound(
     if dequantization is not None:
         _check_discrete(x, dequantization)
         x = dequantization(dequantization_key, x)
-        offset = dequantization.offset(math.prod(model.data_shape))
+        offset = dequantization.offset(model.data_shape)
     elif not jnp.issubdtype(x.dtype, jnp.inexact):
         x = x.astype(jnp.result_type(float))
     start = time.perf_counter()

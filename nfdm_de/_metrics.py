@@ -19,6 +19,7 @@ _DEFAULT_BANDWIDTH_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def _flatten(a: Array, name: str) -> Array:
+    a = jnp.asarray(a)
     if a.ndim < 2 or a.shape[0] < 2:
         raise ValueError(f"`{name}` must be a batch of at least 2 examples; got shape {a.shape}.")
     return a.reshape(a.shape[0], -1)

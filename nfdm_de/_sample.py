@@ -77,9 +77,7 @@ def _sample_core(model, key, num, solver, settings, sde, brownian_tol, saveat, p
 
         ys, rep = jax.vmap(one)(z1, keys)
         return jnp.moveaxis(ys, 0, 1), rep
-    return _generative_solve(
-        model, brownian_key, z1, solver, settings, sde, brownian_tol, saveat
-    )
+    return _generative_solve(model, brownian_key, z1, solver, settings, sde, brownian_tol, saveat)
 
 
 def _settings(solver, steps, rtol, atol, max_steps, sde, num):
@@ -112,8 +110,8 @@ def sample(
     - `solver`: a Diffrax solver. ODE: Euler, Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5,
       Dopri8. SDE: Euler (Euler-Maruyama), Heun, SRA1, ShARK, SEA.
     - `steps`: a fixed uniform grid of this many steps; exclusive with `rtol`/`atol`.
-    - `rtol`, `atol`: tolerances of an adaptive PID-controlled solve (default 1e-5 each when
-      `steps` is not given and the solver has an error estimate).
+    - `rtol`, `atol`: tolerances of an adaptive PID-controlled solve (default 1e-5 each, 1e-3
+      for an SDE, when `steps` is not given and the solver has an error estimate).
     - `sde`: solve the generative SDE dz = f_hat dt + g(t) dw_bar instead of the ODE.
     - `max_steps`: running out is a `RuntimeError` that names the fix.
     - `brownian_tol`: resolution of the virtual Brownian tree of an adaptive SDE solve (a fixed

@@ -37,6 +37,9 @@ SDE_SOLVERS: tuple[type[dfx.AbstractSolver], ...] = (
 )
 
 DEFAULT_TOLERANCE = 1e-5
+# Adaptive SDE solvers control the strong (pathwise) error, which converges at order ~1 at
+# best: 1e-5 would take thousands of steps, so the SDE default is looser.
+DEFAULT_SDE_TOLERANCE = 1e-3
 # The first trial step of an adaptive solve. Passed explicitly so that no solver-specific
 # step-size search spends (uncounted) evaluations; the PID controller adapts from here.
 INITIAL_STEP = 0.01
@@ -121,8 +124,8 @@ def stepping(
     """Validate the step settings against the solver and build the controller.
 
     `steps` (a uniform grid of that many steps) and `rtol`/`atol` (adaptive) are exclusive;
-    with neither, an adaptive solver runs at rtol = atol = 1e-5 and a fixed-step-only solver is
-    an error.
+    with neither, an adaptive solver runs at rtol = atol = 1e-5 (1e-3 for an SDE) and a
+    fixed-step-only solver is an error.
     """
     check_solver(solver, sde=sde)
     name = type(solver).__name__
@@ -147,8 +150,9 @@ def stepping(
                 f"apply; give a step count instead."
             )
         raise ValueError(f"{name} is a fixed-step solver: give a step count (`steps`).")
-    rtol = DEFAULT_TOLERANCE if rtol is None else rtol
-    atol = DEFAULT_TOLERANCE if atol is None else atol
+    default = DEFAULT_SDE_TOLERANCE if sde else DEFAULT_TOLERANCE
+    rtol = default if rtol is None else rtol
+    atol = default if atol is None else atol
     for label, value in (("rtol", rtol), ("atol", atol)):
         if not (isinstance(value, int | float) and value > 0):
             raise ValueError(f"`{label}` must be a positive number; got {value!r}.")

@@ -161,7 +161,9 @@ class Hutchinson(AbstractTraceEstimator):
 
     def __check_init__(self):
         if not (isinstance(self.num_probes, int) and self.num_probes >= 1):
-            raise ValueError(f"Hutchinson num_probes must be an integer >= 1; got {self.num_probes}.")
+            raise ValueError(
+                f"Hutchinson num_probes must be an integer >= 1; got {self.num_probes}."
+            )
 
     @property
     def num_estimates(self) -> int:
@@ -195,9 +197,7 @@ def likelihood_term(model: NFDM, trace: AbstractTraceEstimator) -> dfx.ODETerm:
     def vector_field(t, y, probes):
         z, _ = y
         t = jnp.asarray(t, z.dtype)
-        v, divergence = trace.divergence(
-            lambda z_: _per_example(model.velocity, z_, t), z, probes
-        )
+        v, divergence = trace.divergence(lambda z_: _per_example(model.velocity, z_, t), z, probes)
         return v, divergence.astype(z.dtype)
 
     return dfx.ODETerm(vector_field)

@@ -121,9 +121,7 @@ def test_bits_per_dim_of_discrete_data_matches_hand_computation(getkey):
     x = jnp.array([[0, 3], [1, 2], [2, 2], [3, 0]])
     deq = nd.Dequantization(num_levels=levels, scale=scale, shift=shift)
     assert deq.offset(dim) == pytest.approx(dim * (math.log(scale) - math.log(levels)), abs=1e-12)
-    est, _ = nd.log_likelihood(
-        model, x, key=getkey(), dequantization=deq, rtol=1e-9, atol=1e-9
-    )
+    est, _ = nd.log_likelihood(model, x, key=getkey(), dequantization=deq, rtol=1e-9, atol=1e-9)
     bpd = np.asarray(nd.bits_per_dim(-est.value, dim))
 
     model_sd = math.sqrt(sd**2 + forward.delta**2)
