@@ -89,6 +89,7 @@ def nll(
 ) -> None:
     """Held-out NLL (nats per example, data units) by the ODE and/or the variational bound."""
     try:
+        import equinox as eqx
         import jax.numpy as jnp
         import jax.random as jr
         import numpy as np
@@ -145,9 +146,15 @@ def nll(
             err=True,
         )
         base = jr.key(seed)
+        size = min(batch_size, total)
         with typer.progressbar(length=total, label="nll", file=sys.stderr) as bar:
-            for index, start in enumerate(range(0, total, batch_size)):
-                batch = x[start : start + batch_size]
+            for index, start in enumerate(range(0, total, size)):
+                batch = x[start : start + size]
+                count = batch.shape[0]
+                # Pad a short last batch with repeats of its own rows: one compiled shape for
+                # the whole stream, and repeats leave the batch's error norm (a max over
+                # examples) unchanged. The extra rows are dropped below.
+                batch = np.concatenate([batch, batch[np.arange(size - count) % count]])
                 if dequantization is None:
                     batch = run.transform.to_model(jnp.asarray(batch, jnp.result_type(float)))
                 else:
@@ -167,7 +174,7 @@ def nll(
                             max_steps=max_steps,
                             dequantization=dequantization,
                         )
-                        values = -(np.asarray(estimate.value) + log_jacobian)
+                        values = -(np.asarray(estimate.value)[:count] + log_jacobian)
                     else:
                         estimate, batch_stats = nd.variational_bound(
                             model,
@@ -176,10 +183,11 @@ def nll(
                             num_samples=bound_samples,
                             dequantization=dequantization,
                         )
-                        values = np.asarray(estimate.value) - log_jacobian
+                        values = np.asarray(estimate.value)[:count] - log_jacobian
                     per_method[m].append(values)
+                    batch_stats = eqx.tree_at(lambda st: st.num, batch_stats, count)
                     stats[m] = batch_stats if m not in stats else stats[m].combine(batch_stats)
-                bar.update(batch.shape[0])
+                bar.update(count)
         results = {m: np.concatenate(v) for m, v in per_method.items()}
         headline = chosen if chosen is not Method.both else default
         nll_mean, nll_stderr = _summarise(results[headline])

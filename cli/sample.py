@@ -130,6 +130,10 @@ def sample(
         settings = dict(
             solver=solver_object, steps=steps, rtol=rtol, atol=atol, sde=sde, max_steps=max_steps
         )
+        # Settings errors before any work starts (and before the progress line).
+        nd._solve.stepping(
+            solver_object, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, sde=sde
+        )
         key = jr.key(seed)
         typer.echo(
             f"sampling {num} from {run_dir} (step {run.step}) with {name}"

@@ -11,14 +11,14 @@ from collections.abc import Callable, Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import Scalar
 
 _DEFAULT_BANDWIDTH_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
-def _flatten(a: Array, name: str) -> Array:
+def _flatten(a: ArrayLike, name: str) -> Array:
     a = jnp.asarray(a)
     if a.ndim < 2 or a.shape[0] < 2:
         raise ValueError(f"`{name}` must be a batch of at least 2 examples; got shape {a.shape}.")
@@ -63,7 +63,10 @@ def _energy(x, y, block_size):
 
 
 def energy_distance(
-    x: Float[Array, " n *shape"], y: Float[Array, " m *other_shape"], *, block_size: int = 256
+    x: Float[ArrayLike, " n *shape"],
+    y: Float[ArrayLike, " m *other_shape"],
+    *,
+    block_size: int = 256,
 ) -> Scalar:
     """Energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (Euclidean norms, unbiased)."""
     x, y = _flatten(x, "x"), _flatten(y, "y")
@@ -89,7 +92,9 @@ def _mmd(x, y, bandwidths, block_size):
     return within_x + within_y - 2 * cross
 
 
-def median_distance(x: Float[Array, " n *shape"], y: Float[Array, " m *other_shape"]) -> Scalar:
+def median_distance(
+    x: Float[ArrayLike, " n *shape"], y: Float[ArrayLike, " m *other_shape"]
+) -> Scalar:
     """Median pairwise distance of the pooled samples (first 1,000 of each): the median
     heuristic that scales the default MMD bandwidths to the data."""
     pooled = jnp.concatenate([_flatten(x, "x")[:1000], _flatten(y, "y")[:1000]])
@@ -99,8 +104,8 @@ def median_distance(x: Float[Array, " n *shape"], y: Float[Array, " m *other_sha
 
 
 def mmd(
-    x: Float[Array, " n *shape"],
-    y: Float[Array, " m *other_shape"],
+    x: Float[ArrayLike, " n *shape"],
+    y: Float[ArrayLike, " m *other_shape"],
     *,
     bandwidths: Sequence[float] | None = None,
     block_size: int = 256,

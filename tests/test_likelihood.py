@@ -55,25 +55,27 @@ def test_per_example_solve_agrees_with_joint_solve(getkey):
     assert joint_stats.nfe >= alone_stats.nfe_max - 12
 
 
-@pytest.mark.parametrize("distribution", [nd.RademacherProbe(), nd.GaussianProbe()])
-def test_hutchinson_unbiased_and_stderr_shrinks(distribution, getkey):
+def test_hutchinson_unbiased_and_stderr_shrinks(getkey):
     model, mean, _, marginal_cov = _oracle("linear", 16, getkey)
     num = 48
     x = jr.multivariate_normal(getkey(), mean, marginal_cov, (num,))
-    exact, _ = nd.log_likelihood(model, x, rtol=1e-7, atol=1e-7)
+    exact, _ = nd.log_likelihood(model, x, rtol=1e-6, atol=1e-6)
     se = {}
-    for k in (4, 64):
+    cases = [(4, nd.RademacherProbe()), (64, nd.RademacherProbe()), (64, nd.GaussianProbe())]
+    for k, distribution in cases:
         trace = nd.Hutchinson(num_probes=k, distribution=distribution)
-        est, _ = nd.log_likelihood(model, x, key=getkey(), trace=trace, rtol=1e-7, atol=1e-7)
+        est, _ = nd.log_likelihood(model, x, key=getkey(), trace=trace, rtol=1e-6, atol=1e-6)
         # The mean over examples of (estimate - exact) within 3 of its standard errors.
         error = float(jnp.mean(est.value - exact.value))
         error_se = float(jnp.sqrt(jnp.sum(est.stderr**2))) / num
         assert abs(error) <= K_SE * error_se
-        se[k] = float(jnp.sqrt(jnp.mean(est.stderr**2)))
+        se[k, type(distribution)] = float(jnp.sqrt(jnp.mean(est.stderr**2)))
     # Standard error ~ 1/sqrt(K): 16x the probes, 4x smaller (RMS over examples; the spread of
     # a 4-probe standard deviation is wide, hence the 30% band).
-    ratio = se[4] / se[64]
+    ratio = se[4, nd.RademacherProbe] / se[64, nd.RademacherProbe]
     assert 4 / 1.3 <= ratio <= 4 * 1.3
+    # Rademacher probes have the smaller variance (no diagonal term).
+    assert se[64, nd.RademacherProbe] < se[64, nd.GaussianProbe]
 
 
 def test_hutchinson_single_probe_reports_nan_stderr(getkey):
@@ -99,8 +101,6 @@ def test_variational_bound_is_above_exact_nll(getkey):
     gap = np.mean(value - exact_nll)
     assert gap >= -K_SE * math.sqrt(np.sum(stderr**2)) / num
     assert stats.nfe == 64
-    ode, _ = nd.log_likelihood(model, x, rtol=1e-8, atol=1e-8)
-    assert np.mean(value) >= -float(jnp.mean(ode.value)) - K_SE * np.sqrt(np.sum(stderr**2)) / num
 
 
 def test_variational_bound_refuses_deterministic_model(getkey):

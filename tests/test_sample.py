@@ -30,7 +30,7 @@ def _moments_within_error(samples, mean, cov):
 
 @pytest.mark.parametrize(
     "sde, solver, steps",
-    [(False, dfx.Tsit5(), None), (True, dfx.Euler(), 100), (True, dfx.ShARK(), 50)],
+    [(False, dfx.Tsit5(), None), (True, dfx.Euler(), 100)],
 )
 def test_oracle_samples_have_the_analytic_moments(sde, solver, steps, getkey):
     mean, cov = gaussian_data(getkey(), 2)
@@ -44,21 +44,20 @@ def test_oracle_samples_have_the_analytic_moments(sde, solver, steps, getkey):
     assert stats.num == 4000 and stats.nfe > 0
 
 
-def _observed_order(solver, model, key, coarse):
-    reference, _ = nd.sample(model, key, 32, solver=dfx.Dopri8(), rtol=1e-11, atol=1e-11)
-    errors = []
-    for steps in (coarse, 2 * coarse):
-        approx, _ = nd.sample(model, key, 32, solver=solver, steps=steps)
-        errors.append(float(jnp.max(jnp.abs(approx - reference))))
-    return math.log2(errors[0] / errors[1])
-
-
-@pytest.mark.parametrize("solver, order", [(dfx.Euler(), 1.0), (dfx.Heun(), 2.0)])
-def test_fixed_step_convergence_order(solver, order, getkey):
+def test_fixed_step_convergence_orders(getkey):
+    # Euler is first order and Heun second: doubling the steps halves / quarters the error
+    # against a tight Dopri8 solve from the same noise.
     mean, cov = gaussian_data(getkey(), 2)
     model = oracle_model(FORWARDS["vp"](), mean, cov)
-    observed = _observed_order(solver, model, getkey(), coarse=32)
-    assert abs(observed - order) <= 0.25
+    key = getkey()
+    reference, _ = nd.sample(model, key, 32, solver=dfx.Dopri8(), rtol=1e-11, atol=1e-11)
+    for solver, order in ((dfx.Euler(), 1.0), (dfx.Heun(), 2.0)):
+        errors = []
+        for steps in (32, 64):
+            approx, _ = nd.sample(model, key, 32, solver=solver, steps=steps)
+            errors.append(float(jnp.max(jnp.abs(approx - reference))))
+        observed = math.log2(errors[0] / errors[1])
+        assert abs(observed - order) <= 0.25, (type(solver).__name__, observed)
 
 
 class CountingPredictor(eqx.Module):
