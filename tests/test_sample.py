@@ -92,6 +92,7 @@ ODE_CASES = [(s, steps) for s in nd._solve.ODE_SOLVERS for steps in (5, None)]
 ODE_CASES = [(s, steps) for s, steps in ODE_CASES if not (s is dfx.Euler and steps is None)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver_type, steps", ODE_CASES)
 def test_ode_nfe_matches_instrumented_count(solver_type, steps, getkey):
     model, counter = _counting_model(getkey)
@@ -116,6 +117,7 @@ SDE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver_type, steps", SDE_CASES)
 def test_sde_nfe_matches_instrumented_count(solver_type, steps, getkey):
     model, counter = _counting_model(getkey, nd.ConstantVolatility(1.0))
