@@ -39,7 +39,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     model = random_model(jr.key(0))
-    # Two-moons-like points scaled to unit variance.
+    # Two lobes: normal points shifted left or right by the sign of their second coordinate.
     x = jr.normal(jr.key(1), (args.num, 2))
     x = x.at[:, 0].add(jnp.sign(x[:, 1]))
     rows = []

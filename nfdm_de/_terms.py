@@ -11,6 +11,7 @@ size for all of it) or, vmapped at the call site over batches of one, each examp
 """
 
 import abc
+import math
 
 import diffrax as dfx
 import equinox as eqx
@@ -116,7 +117,7 @@ class ExactTrace(AbstractTraceEstimator):
         del probes
         v, jvp = jax.linearize(velocity, z)
         shape = z.shape[1:]
-        size = max(1, int(jnp.size(z) // z.shape[0]))
+        size = math.prod(shape)
         basis = jnp.eye(size, dtype=z.dtype).reshape(size, *shape)
 
         def diagonal_entry(e):
