@@ -115,7 +115,8 @@ def nll(
             nd._solve.stepping(
                 solver_object, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, sde=False
             )
-        x = nd.load_dataset(data, split="test", num=num, seed=seed)
+        # The held-out set does not depend on --seed (which drives the estimators only).
+        x = nd.load_dataset(data, split="test", num=num)
         if num is not None:
             x = x[:num]
         x = x.reshape(x.shape[0], -1)
