@@ -2,6 +2,8 @@
 
 import typer
 
+from cli.nll import nll as _nll
+from cli.sample import sample as _sample
 from cli.train import train as _train
 
 app = typer.Typer(
@@ -19,6 +21,8 @@ def main() -> None:
 
 
 app.command(name="train")(_train)
+app.command(name="sample")(_sample)
+app.command(name="nll")(_nll)
 
 
 @app.command()

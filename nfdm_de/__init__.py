@@ -59,6 +59,13 @@ from ._image_io import (
     read_npz_images as read_npz_images,
     save_image_grid as save_image_grid,
 )
+from ._likelihood import (
+    Dequantization as Dequantization,
+    Estimate as Estimate,
+    bits_per_dim as bits_per_dim,
+    log_likelihood as log_likelihood,
+    variational_bound as variational_bound,
+)
 from ._loss import (
     LossBreakdown as LossBreakdown,
     curvature as curvature,
@@ -67,6 +74,7 @@ from ._loss import (
     prior_kl as prior_kl,
     stratified_times as stratified_times,
 )
+from ._metrics import energy_distance as energy_distance, mmd as mmd
 from ._model import NFDM as NFDM
 from ._nn import (
     FourierTimeFeatures as FourierTimeFeatures,
@@ -74,6 +82,16 @@ from ._nn import (
     Predictor as Predictor,
     TimeConditionedMLP as TimeConditionedMLP,
     mlp_predictor as mlp_predictor,
+)
+from ._sample import sample as sample, sample_trajectories as sample_trajectories
+from ._solve import SolveStats as SolveStats
+from ._terms import (
+    AbstractProbeDistribution as AbstractProbeDistribution,
+    AbstractTraceEstimator as AbstractTraceEstimator,
+    ExactTrace as ExactTrace,
+    GaussianProbe as GaussianProbe,
+    Hutchinson as Hutchinson,
+    RademacherProbe as RademacherProbe,
 )
 from ._train import (
     LoadedRun as LoadedRun,

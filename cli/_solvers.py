@@ -1,0 +1,71 @@
+"""Solver names -> Diffrax solver objects (the CLI is the only place strings become objects)."""
+
+import json
+import math
+import os
+import tempfile
+
+import typer
+
+ODE_SOLVER_NAMES = ("euler", "heun", "midpoint", "ralston", "bosh3", "tsit5", "dopri5", "dopri8")
+SDE_SOLVER_NAMES = ("euler", "euler-maruyama", "heun", "sra1", "shark", "sea")
+
+
+def solver_from_name(name: str, *, sde: bool):
+    import diffrax as dfx
+
+    table = {
+        "euler": dfx.Euler,
+        "euler-maruyama": dfx.Euler,
+        "heun": dfx.Heun,
+        "midpoint": dfx.Midpoint,
+        "ralston": dfx.Ralston,
+        "bosh3": dfx.Bosh3,
+        "tsit5": dfx.Tsit5,
+        "dopri5": dfx.Dopri5,
+        "dopri8": dfx.Dopri8,
+        "sra1": dfx.SRA1,
+        "shark": dfx.ShARK,
+        "sea": dfx.SEA,
+    }
+    allowed = SDE_SOLVER_NAMES if sde else ODE_SOLVER_NAMES
+    key = name.strip().lower()
+    if key not in allowed:
+        kind = "SDE (--sde)" if sde else "ODE"
+        raise ValueError(f"unknown {kind} solver {name!r}; expected one of: {', '.join(allowed)}.")
+    return table[key]()
+
+
+def fail(error: Exception) -> None:
+    """One line on stderr, exit code 1, no traceback."""
+    message = " ".join(str(error).split())
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+def json_number(value):
+    """JSON has no NaN or infinity: those become null."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def print_json(summary: dict) -> None:
+    typer.echo(json.dumps(summary))
+
+
+def atomic_save(path: str, write) -> None:
+    """Write through a temporary file in the same folder, then rename: a crash never leaves a
+    half-written file where a good one was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = os.path.splitext(path)[1]
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,181 @@
+"""`nfdm-de sample`: draw samples from a trained run (EMA weights), in the data's own units."""
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli._solvers import atomic_save, fail, json_number, print_json, solver_from_name
+
+_TRAJECTORY_PATHS = 64
+
+
+def _to_data_units(run, z):
+    """Model space -> data units; integer data in [0, K) come back as integers."""
+    import numpy as np
+
+    x = np.asarray(run.transform.from_model(z), dtype=np.float64)
+    if run.num_levels is not None:
+        x = np.clip(np.floor(x * run.num_levels), 0, run.num_levels - 1)
+    return x
+
+
+def _plot(path, samples, reference, trajectories):
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    dim = samples.shape[1]
+    side = math.isqrt(dim)
+    if dim == 2:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        if reference is not None:
+            ax.scatter(*reference[:, :2].T, s=2, alpha=0.3, c="tab:gray", label="reference")
+        if trajectories is not None:
+            for k in range(trajectories.shape[1]):
+                ax.plot(*trajectories[:, k].T, lw=0.6, alpha=0.6, c="tab:orange")
+        ax.scatter(*samples.T, s=2, alpha=0.5, c="tab:blue", label="samples")
+        ax.set_aspect("equal")
+        if reference is not None:
+            ax.legend(loc="upper right", markerscale=4)
+    elif side * side == dim:
+        count = min(64, samples.shape[0])
+        cols = math.ceil(math.sqrt(count))
+        rows = math.ceil(count / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(cols, rows))
+        for k, ax in enumerate(np.atleast_1d(axes).ravel()):
+            ax.axis("off")
+            if k < count:
+                ax.imshow(samples[k].reshape(side, side), cmap="gray")
+    else:
+        raise ValueError(
+            f"--plot draws 2-D data (a scatter) or square images; the data have {dim} dimensions."
+        )
+    fig.tight_layout()
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def sample(
+    run_dir: Annotated[Path, typer.Option(help="Run directory written by `nfdm-de train`.")],
+    num: Annotated[int, typer.Option(help="Number of samples.")] = 1000,
+    solver: Annotated[
+        str | None,
+        typer.Option(
+            help="ODE: euler, heun, midpoint, ralston, bosh3, tsit5 (default), dopri5, dopri8. "
+            "SDE (--sde): euler(-maruyama), heun, sra1, shark (default), sea."
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Fixed uniform grid of N steps (exclusive with tolerances).")
+    ] = None,
+    rtol: Annotated[float | None, typer.Option(help="Adaptive relative tolerance.")] = None,
+    atol: Annotated[float | None, typer.Option(help="Adaptive absolute tolerance.")] = None,
+    sde: Annotated[
+        bool, typer.Option("--sde", help="Solve the generative SDE instead of the ODE.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Output .npy (default: <run-dir>/samples.npy).")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="PNG: a scatter for 2-D data, an image grid for images.")
+    ] = None,
+    trajectories: Annotated[
+        bool,
+        typer.Option("--trajectories", help="Draw generative paths on the --plot (2-D data)."),
+    ] = False,
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="Reference .npy in data units: adds mmd and energy_distance."),
+    ] = None,
+    max_steps: Annotated[int, typer.Option(help="Step budget of an adaptive solve.")] = 4096,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (last stdout line).")
+    ] = False,
+) -> None:
+    """Sample a trained run with its EMA weights; write the samples (data units) as .npy."""
+    try:
+        import jax.random as jr
+        import numpy as np
+
+        import nfdm_de as nd
+
+        if num < 1:
+            raise ValueError(f"--num must be a positive integer; got {num}.")
+        if trajectories and plot is None:
+            raise ValueError("--trajectories draws on the --plot; give --plot FILE.png.")
+        name = solver or ("shark" if sde else "tsit5")
+        solver_object = solver_from_name(name, sde=sde)
+        reference_data = None
+        if reference is not None:
+            if not reference.is_file():
+                raise ValueError(f"reference file {str(reference)!r} does not exist.")
+            reference_data = np.load(reference)
+            reference_data = reference_data.reshape(reference_data.shape[0], -1)
+        run = nd.load_run(os.fspath(run_dir))
+        dim = int(np.prod(run.model.data_shape))
+        if reference_data is not None and reference_data.shape[1] != dim:
+            raise ValueError(
+                f"reference data have {reference_data.shape[1]} dimensions per example; the "
+                f"model's data have {dim}."
+            )
+        if trajectories and dim != 2:
+            raise ValueError(f"--trajectories needs 2-D data; the data have {dim} dimensions.")
+        settings = dict(
+            solver=solver_object, steps=steps, rtol=rtol, atol=atol, sde=sde, max_steps=max_steps
+        )
+        # Settings errors before any work starts (and before the progress line).
+        nd._solve.stepping(
+            solver_object, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, sde=sde
+        )
+        key = jr.key(seed)
+        typer.echo(
+            f"sampling {num} from {run_dir} (step {run.step}) with {name}"
+            f"{' SDE' if sde else ' ODE'}",
+            err=True,
+        )
+        z, stats = nd.sample(run.model, key, num, **settings)
+        samples = _to_data_units(run, z)
+        out_path = os.fspath(out) if out is not None else os.path.join(run_dir, "samples.npy")
+        atomic_save(out_path, lambda tmp: np.save(tmp, samples))
+        summary = {
+            "num": num,
+            "nfe": stats.nfe,
+            "seconds": stats.seconds,
+            "solver": name,
+            "sde": sde,
+            "steps": steps,
+            "rtol": rtol,
+            "atol": atol,
+            "accepted_steps": stats.accepted_steps,
+            "rejected_steps": stats.rejected_steps,
+            "out": out_path,
+            "run_dir": os.fspath(run_dir),
+            "checkpoint_step": run.step,
+        }
+        if reference_data is not None:
+            flat = samples.reshape(num, -1)
+            summary["mmd"] = json_number(nd.mmd(flat, reference_data))
+            summary["energy_distance"] = json_number(nd.energy_distance(flat, reference_data))
+        if plot is not None:
+            paths = None
+            if trajectories:
+                count = min(num, _TRAJECTORY_PATHS)
+                _, path, _ = nd.sample_trajectories(run.model, key, count, **settings)
+                paths = _to_data_units(run, path.reshape(-1, dim)).reshape(-1, count, dim)
+            _plot(os.fspath(plot), samples, reference_data, paths)
+            summary["plot"] = os.fspath(plot)
+    except (ValueError, RuntimeError, OSError) as error:
+        fail(error)
+    line = f"{num} samples -> {out_path}; NFE {stats.nfe:.0f} per sample, {stats.seconds:.2f} s"
+    if "mmd" in summary:
+        line += f"; MMD^2 {summary['mmd']:.4g}, energy distance {summary['energy_distance']:.4g}"
+    typer.echo(line, err=True)
+    if json_output:
+        print_json(summary)

@@ -1,0 +1,284 @@
+"""Likelihoods: the probability-flow ODE (DESIGN §2.5), the variational bound of the stochastic
+model (§2.3), and bits/dim with dequantization for discrete data (§2.6).
+
+Conventions: `log_likelihood` estimates log p(x) (nats, higher is better); `variational_bound`
+estimates an upper bound on -log p(x) (nats). Both return an `Estimate` per example with its
+Monte Carlo standard error (zero where the estimator is deterministic) and `SolveStats`.
+"""
+
+import math
+import time
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Float, Shaped
+
+from ._custom_types import Key
+from ._loss import example_loss, stratified_times
+from ._model import NFDM
+from ._sample import PER_EXAMPLE_DEFAULT
+from ._solve import SolveReport, SolveStats, Stepping, report, stepping, timed
+from ._terms import AbstractTraceEstimator, ExactTrace, likelihood_term
+
+
+class Estimate(eqx.Module):
+    """Per-example estimates and their Monte Carlo standard errors (zeros when exact; NaN when a
+    random estimator has a single sample and so no spread to measure)."""
+
+    value: Float[Array, " batch"]
+    stderr: Float[Array, " batch"]
+
+
+class Dequantization(eqx.Module):
+    """Uniform dequantization of integer data in [0, K) into model space (DESIGN §2.6).
+
+        y = (x + u) / K,  u ~ U[0, 1)^D;   s = scale * y + shift
+
+    so that log P(x) >= E_u[log p(s)] + sum_d log(scale_d) - D log K. The last two terms are the
+    explicit `offset`: the change of variables from the integer grid to model space. `scale` and
+    `shift` are scalars or arrays broadcastable to one example's shape (a per-dimension affine
+    map, e.g. a run's data transform).
+    """
+
+    num_levels: int
+    scale: float | Array = 2.0
+    shift: float | Array = -1.0
+
+    def __check_init__(self):
+        if not (isinstance(self.num_levels, int) and self.num_levels >= 2):
+            raise ValueError(f"`num_levels` must be an integer >= 2; got {self.num_levels!r}.")
+        if not bool(jnp.all(jnp.asarray(self.scale) > 0)):
+            raise ValueError(f"Dequantization `scale` must be positive; got {self.scale!r}.")
+
+    def offset(self, shape: tuple[int, ...] | int) -> float:
+        """sum_d log(scale_d) - D log(K) for one example of `shape` (or D = `shape`), to add to
+        log p(s) for a lower bound on log P(x)."""
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        log_scale = np.broadcast_to(np.log(np.asarray(self.scale, np.float64)), shape)
+        return float(np.sum(log_scale)) - math.prod(shape) * math.log(self.num_levels)
+
+    def __call__(self, key: Key, x: Shaped[Array, " batch *shape"], dtype=None) -> Array:
+        """Dequantized model-space points s for integer data `x`."""
+        dtype = jnp.result_type(float) if dtype is None else dtype
+        u = jr.uniform(key, x.shape, dtype)
+        y = (x.astype(dtype) + u) / self.num_levels
+        return (jnp.asarray(self.scale, dtype) * y + jnp.asarray(self.shift, dtype)).astype(dtype)
+
+
+def _check_data(model: NFDM, x: Array) -> None:
+    if x.ndim < 1 or tuple(x.shape[1:]) != model.data_shape:
+        raise ValueError(
+            f"Expected a batch of data of shape (batch, {', '.join(map(str, model.data_shape))}) "
+            f"for this model; got {tuple(x.shape)}."
+        )
+
+
+def _check_discrete(x: Array, dequantization: Dequantization) -> None:
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        if not bool(jnp.all(x == jnp.round(x))):
+            raise ValueError("Dequantization expects integer-valued data; got non-integers.")
+    low, high = int(jnp.min(x)), int(jnp.max(x))
+    if low < 0 or high >= dequantization.num_levels:
+        raise ValueError(
+            f"Dequantization with num_levels={dequantization.num_levels} expects integers in "
+            f"[0, {dequantization.num_levels}); got values in [{low}, {high}]."
+        )
+
+
+def _standard_normal_log_prob(z: Array) -> Array:
+    flat = z.reshape(z.shape[0], -1)
+    return -0.5 * jnp.sum(flat**2, axis=1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
+
+
+def _estimate(samples: Array, random: bool) -> Estimate:
+    """Mean and standard error over the last axis (K i.i.d. estimates per example)."""
+    value = jnp.mean(samples, axis=-1)
+    k = samples.shape[-1]
+    if not random:
+        stderr = jnp.zeros_like(value)
+    elif k < 2:
+        stderr = jnp.full_like(value, jnp.nan)
+    else:
+        stderr = jnp.std(samples, axis=-1, ddof=1) / math.sqrt(k)
+    return Estimate(value, stderr)
+
+
+def _likelihood_solve(
+    model: NFDM,
+    x: Array,
+    probes: Array | None,
+    trace: AbstractTraceEstimator,
+    solver: dfx.AbstractSolver,
+    settings: Stepping,
+) -> tuple[Array, SolveReport]:
+    y0 = (x, jnp.zeros((x.shape[0], trace.num_estimates), x.dtype))
+    sol = dfx.diffeqsolve(
+        likelihood_term(model, trace),
+        solver,
+        0.0,
+        1.0,
+        settings.dt0,
+        y0,
+        args=probes,
+        stepsize_controller=settings.controller,
+        max_steps=settings.max_steps,
+        throw=False,
+    )
+    z1, delta_logp = sol.ys
+    log_prob = _standard_normal_log_prob(z1[0])[:, None] + delta_logp[0]
+    return log_prob, report(sol, solver, sde=False)
+
+
+@eqx.filter_jit
+def _log_likelihood_core(model, x, key, trace, solver, settings, per_example):
+    probes = trace.probes(key, x)
+    if per_example:
+
+        def one(x_i, probes_i):
+            probes_i = None if probes_i is None else probes_i[:, None]
+            log_prob, rep = _likelihood_solve(model, x_i[None], probes_i, trace, solver, settings)
+            return log_prob[0], rep
+
+        probe_axis = None if probes is None else 1
+        return jax.vmap(one, in_axes=(0, probe_axis))(x, probes)
+    return _likelihood_solve(model, x, probes, trace, solver, settings)
+
+
+def log_likelihood(
+    model: NFDM,
+    x: Shaped[Array, " batch *shape"],
+    *,
+    key: Key | None = None,
+    trace: AbstractTraceEstimator = ExactTrace(),
+    solver: dfx.AbstractSolver = dfx.Dopri5(),
+    rtol: float | None = None,
+    atol: float | None = None,
+    steps: int | None = None,
+    max_steps: int = 4096,
+    dequantization: Dequantization | None = None,
+    per_example: bool = PER_EXAMPLE_DEFAULT,
+) -> tuple[Estimate, SolveStats]:
+    """log p(x) of the deterministic generative model through the probability-flow ODE.
+
+    Integrates (z, delta_logp) from the data z_0 = x at t = 0 to t = 1 and returns
+    log N(z_1; 0, I) + delta_logp, the log-density of the model's t = 0 marginal.
+
+    **Arguments:**
+
+    - `model`, `x`: the model and a batch of data in model space.
+    - `key`: needed for Hutchinson probes and for dequantization.
+    - `trace`: `ExactTrace(chunk_size)` or `Hutchinson(num_probes, RademacherProbe() |
+      GaussianProbe())`; probes are drawn once per solve.
+    - `solver`, `rtol`, `atol`, `steps`, `max_steps`: as in `sample` (ODE solvers only);
+      adaptive at rtol = atol = 1e-5 by default.
+    - `dequantization`: for integer data; the result is then a (stochastic) lower bound on the
+      discrete log P(x), offset included.
+    - `per_example`: vmapped per-example solves instead of one solve over the batch.
+
+    **Returns:** `(Estimate(log p, stderr), SolveStats)`; the standard error is over the K
+    Hutchinson probes of each example (zero for the exact trace).
+    """
+    _check_data(model, x)
+    settings = stepping(solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, sde=False)
+    if (trace.is_random or dequantization is not None) and key is None:
+        raise ValueError("A `key` is needed for Hutchinson probes and for dequantization.")
+    offset = 0.0
+    if key is None:
+        key = jr.key(0)  # unused: nothing random
+    probe_key, dequantization_key = jr.split(key)
+    if dequantization is not None:
+        _check_discrete(x, dequantization)
+        x = dequantization(dequantization_key, x)
+        offset = dequantization.offset(model.data_shape)
+    elif not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.result_type(float))
+    num = x.shape[0]
+    log_prob, stats = timed(
+        _log_likelihood_core,
+        model,
+        x,
+        probe_key,
+        trace,
+        solver,
+        settings,
+        per_example,
+        num=num,
+        solver=solver,
+        settings=settings,
+        per_example=per_example,
+    )
+    estimate = _estimate(log_prob, trace.is_random)
+    return Estimate(estimate.value + offset, estimate.stderr), stats
+
+
+@eqx.filter_jit
+def _bound_core(model, x, key, num_samples):
+    def one(x_i, key_i):
+        t_key, eps_key = jr.split(key_i)
+        t = stratified_times(t_key, num_samples, x_i.dtype)
+        eps = jr.normal(eps_key, (num_samples, *x_i.shape), x_i.dtype)
+        return jax.vmap(lambda t_j, eps_j: example_loss(model, x_i, t_j, eps_j).total)(t, eps)
+
+    return jax.vmap(one)(x, jr.split(key, x.shape[0]))
+
+
+def variational_bound(
+    model: NFDM,
+    x: Shaped[Array, " batch *shape"],
+    *,
+    key: Key,
+    num_samples: int = 64,
+    dequantization: Dequantization | None = None,
+) -> tuple[Estimate, SolveStats]:
+    """The variational upper bound on -log p(x) of the stochastic model (DESIGN §2.3), in nats.
+
+    Monte Carlo over `num_samples` pairs (t, eps) per example, t stratified over [0, 1]; the
+    standard error is the sample standard deviation over the pairs / sqrt(num_samples), which
+    stratification makes conservative. `stats.nfe` counts evaluations of the per-example loss
+    (each one predictor call and two forward-process calls). Needs g > 0: a deterministic model
+    has no bound (use `log_likelihood`).
+    """
+    _check_data(model, x)
+    if model.is_deterministic:
+        raise ValueError(
+            "The variational bound needs a stochastic model (g > 0); this model has g = 0, so "
+            "use the ODE likelihood (`log_likelihood`)."
+        )
+    if not (isinstance(num_samples, int) and num_samples >= 2):
+        raise ValueError(f"`num_samples` must be an integer >= 2; got {num_samples!r}.")
+    key, dequantization_key = jr.split(key)
+    offset = 0.0
+    if dequantization is not None:
+        _check_discrete(x, dequantization)
+        x = dequantization(dequantization_key, x)
+        offset = dequantization.offset(model.data_shape)
+    elif not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.result_type(float))
+    start = time.perf_counter()
+    samples = jax.block_until_ready(_bound_core(model, x, key, num_samples))
+    seconds = time.perf_counter() - start
+    estimate = _estimate(samples, True)
+    stats = SolveStats(
+        num=x.shape[0],
+        nfe=float(num_samples),
+        nfe_max=num_samples,
+        accepted_steps=0.0,
+        rejected_steps=0.0,
+        seconds=seconds,
+    )
+    return Estimate(estimate.value - offset, estimate.stderr), stats
+
+
+def bits_per_dim(nll: Float[Array, "*batch"], num_dims: int) -> Float[Array, "*batch"]:
+    """Convert a negative log-likelihood in nats per example into bits per dimension.
+
+    For discrete data pass the NLL of `log_likelihood`/`variational_bound` computed with a
+    `Dequantization`, which already includes the D log(scale) - D log(K) offset.
+    """
+    if not (isinstance(num_dims, int) and num_dims >= 1):
+        raise ValueError(f"`num_dims` must be a positive integer; got {num_dims!r}.")
+    return jnp.asarray(nll) / (num_dims * math.log(2.0))

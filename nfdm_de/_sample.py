@@ -1,0 +1,185 @@
+"""Sampling from the generative process: the probability-flow ODE or the SDE (DESIGN §2.2, §2.7)."""
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float
+
+from ._custom_types import Key
+from ._model import NFDM
+from ._solve import SolveReport, SolveStats, Stepping, report, stepping, timed
+from ._terms import generative_ode_term, generative_sde_terms
+
+# Measured with benchmarks/nll_batching.py: one adaptive solve carrying the whole batch is far
+# cheaper than a vmapped solve per example (see docs/sample.md). Sampling uses the same default.
+PER_EXAMPLE_DEFAULT = False
+
+
+def _generative_solve(
+    model: NFDM,
+    key: Key,
+    z1: Array,
+    solver: dfx.AbstractSolver,
+    settings: Stepping,
+    sde: bool,
+    brownian_tol: float,
+    saveat: dfx.SaveAt,
+) -> tuple[Array, SolveReport]:
+    if sde:
+        levy_area = (
+            dfx.SpaceTimeLevyArea if isinstance(solver, dfx.AbstractSRK) else dfx.BrownianIncrement
+        )
+        shape = jax.ShapeDtypeStruct(z1.shape, z1.dtype)
+        if settings.adaptive:
+            brownian = dfx.VirtualBrownianTree(
+                0.0, 1.0, tol=brownian_tol, shape=shape, key=key, levy_area=levy_area
+            )
+            adjoint = dfx.RecursiveCheckpointAdjoint()
+        else:
+            # A fixed grid needs one independent increment per step: no virtual Brownian tree.
+            brownian = dfx.UnsafeBrownianPath(shape=shape, key=key, levy_area=levy_area)
+            adjoint = dfx.ForwardMode()
+        terms = generative_sde_terms(model, brownian)
+    else:
+        terms = generative_ode_term(model)
+        adjoint = dfx.RecursiveCheckpointAdjoint()
+    sol = dfx.diffeqsolve(
+        terms,
+        solver,
+        0.0,
+        1.0,
+        settings.dt0,
+        z1,
+        saveat=saveat,
+        stepsize_controller=settings.controller,
+        max_steps=settings.max_steps,
+        adjoint=adjoint,
+        throw=False,
+    )
+    return sol.ys, report(sol, solver, sde=sde)
+
+
+@eqx.filter_jit
+def _sample_core(model, key, num, solver, settings, sde, brownian_tol, saveat, per_example):
+    noise_key, brownian_key = jr.split(key)
+    dtype = jnp.result_type(float)
+    z1 = jr.normal(noise_key, (num, *model.data_shape), dtype)
+    if per_example:
+        keys = jr.split(brownian_key, num)
+
+        def one(z, k):
+            ys, rep = _generative_solve(
+                model, k, z[None], solver, settings, sde, brownian_tol, saveat
+            )
+            return ys[:, 0], rep
+
+        ys, rep = jax.vmap(one)(z1, keys)
+        return jnp.moveaxis(ys, 0, 1), rep
+    return _generative_solve(model, brownian_key, z1, solver, settings, sde, brownian_tol, saveat)
+
+
+def _settings(solver, steps, rtol, atol, max_steps, sde, num):
+    if not (isinstance(num, int) and num >= 1):
+        raise ValueError(f"`num` must be a positive integer; got {num!r}.")
+    return stepping(solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, sde=sde)
+
+
+def sample(
+    model: NFDM,
+    key: Key,
+    num: int,
+    *,
+    solver: dfx.AbstractSolver = dfx.Tsit5(),
+    steps: int | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    sde: bool = False,
+    max_steps: int = 4096,
+    brownian_tol: float = 1e-3,
+    per_example: bool = PER_EXAMPLE_DEFAULT,
+) -> tuple[Float[Array, " num *shape"], SolveStats]:
+    """Draw `num` samples by solving the generative dynamics from z_1 ~ N(0, I) to t = 0.
+
+    **Arguments:**
+
+    - `model`: the `NFDM` (use the EMA weights of a run for best samples).
+    - `key`: PRNG key for the initial noise and, with `sde=True`, the Brownian motion.
+    - `num`: number of samples.
+    - `solver`: a Diffrax solver. ODE: Euler, Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5,
+      Dopri8. SDE: Euler (Euler-Maruyama), Heun, SRA1, ShARK, SEA.
+    - `steps`: a fixed uniform grid of this many steps; exclusive with `rtol`/`atol`.
+    - `rtol`, `atol`: tolerances of an adaptive PID-controlled solve (default 1e-5 each, 1e-3
+      for an SDE, when `steps` is not given and the solver has an error estimate).
+    - `sde`: solve the generative SDE dz = f_hat dt + g(t) dw_bar instead of the ODE.
+    - `max_steps`: running out is a `RuntimeError` that names the fix.
+    - `brownian_tol`: resolution of the virtual Brownian tree of an adaptive SDE solve (a fixed
+      grid draws one increment per step instead).
+    - `per_example`: solve each sample on its own (vmapped) instead of one solve whose adaptive
+      step size serves the whole batch.
+
+    **Returns:** `(samples, stats)`; samples are z_0, the model's t = 0 marginal (data + delta
+    noise, the mean of the decoder N(x; z_0, delta^2 I)), in the model's units.
+    """
+    settings = _settings(solver, steps, rtol, atol, max_steps, sde, num)
+    saveat = dfx.SaveAt(t1=True)
+    ys, stats = timed(
+        _sample_core,
+        model,
+        key,
+        num,
+        solver,
+        settings,
+        sde,
+        brownian_tol,
+        saveat,
+        per_example,
+        num=num,
+        solver=solver,
+        settings=settings,
+        per_example=per_example,
+    )
+    return ys[0], stats
+
+
+def sample_trajectories(
+    model: NFDM,
+    key: Key,
+    num: int,
+    *,
+    num_points: int = 65,
+    solver: dfx.AbstractSolver = dfx.Tsit5(),
+    steps: int | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    sde: bool = False,
+    max_steps: int = 4096,
+    brownian_tol: float = 1e-3,
+) -> tuple[Float[Array, " points"], Float[Array, " points num *shape"], SolveStats]:
+    """Like `sample`, but also returns the path at `num_points` times from t = 1 down to t = 0.
+
+    Returns `(t, z_t, stats)` with `t` decreasing from 1 to 0 and `z_t[-1]` the samples.
+    Solver settings as in `sample`; adaptive solves interpolate the saved points (dense output).
+    """
+    if not (isinstance(num_points, int) and num_points >= 2):
+        raise ValueError(f"`num_points` must be an integer >= 2; got {num_points!r}.")
+    settings = _settings(solver, steps, rtol, atol, max_steps, sde, num)
+    s = jnp.linspace(0.0, 1.0, num_points)
+    ys, stats = timed(
+        _sample_core,
+        model,
+        key,
+        num,
+        solver,
+        settings,
+        sde,
+        brownian_tol,
+        dfx.SaveAt(ts=s),
+        False,
+        num=num,
+        solver=solver,
+        settings=settings,
+        per_example=False,
+    )
+    return 1 - s, ys, stats
