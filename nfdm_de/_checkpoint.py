@@ -23,6 +23,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
@@ -164,7 +165,9 @@ def load_checkpoint(path: str, like: Any) -> tuple[dict[str, Any], Any]:
         raise ValueError(f"checkpoint {path!r} is corrupt (its payload checksum does not match).")
     buffer = io.BytesIO(payload)
     try:
-        tree = eqx.tree_deserialise_leaves(buffer, like)
+        # NumPy placeholders make equinox read NumPy arrays: `jnp.load` would silently narrow
+        # float64 to float32 in a float32 process, and the dtype check below must see the disk.
+        tree = eqx.tree_deserialise_leaves(buffer, jax.tree.map(_numpy_placeholder, like))
     except Exception as error:  # a structure mismatch surfaces as a numpy read error
         raise ValueError(
             f"checkpoint {path!r} does not match the expected structure: {error}"
@@ -175,7 +178,24 @@ def load_checkpoint(path: str, like: Any) -> tuple[dict[str, Any], Any]:
             "by a different model configuration?)."
         )
     _check_leaves(path, like, tree)
-    return header, tree
+    return header, jax.tree.map(_to_jax, tree)
+
+
+def _numpy_placeholder(leaf):
+    if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):
+        return np.empty(leaf.shape, leaf.dtype)
+    return leaf
+
+
+def _to_jax(leaf):
+    if not isinstance(leaf, np.ndarray):
+        return leaf
+    if np.issubdtype(leaf.dtype, np.floating):
+        # A float64 checkpoint in a float32 process: narrow explicitly (callers cast further).
+        return jnp.asarray(
+            leaf.astype(jnp.result_type(float) if leaf.dtype == np.float64 else leaf.dtype)
+        )
+    return jnp.asarray(leaf)
 
 
 def _check_leaves(path: str, like: Any, tree: Any) -> None:

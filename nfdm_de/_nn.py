@@ -18,21 +18,23 @@ class FourierTimeFeatures(eqx.Module):
     frequencies give the networks both slow and fast functions of time.
     """
 
-    frequencies: Float[Array, " num_frequencies"]
+    # Static Python floats: not parameters, and free of any array dtype, so a checkpoint written
+    # in one float precision loads in the other.
+    frequencies: tuple[float, ...] = eqx.field(static=True)
 
     def __init__(self, num_frequencies: int = 8, max_frequency: float = 16.0):
         if num_frequencies < 1:
             raise ValueError(f"`num_frequencies` must be >= 1; got {num_frequencies}.")
-        self.frequencies = jnp.geomspace(0.5, max_frequency, num_frequencies)
+        ratio = (max_frequency / 0.5) ** (1 / max(num_frequencies - 1, 1))
+        self.frequencies = tuple(0.5 * ratio**k for k in range(num_frequencies))
 
     @property
     def size(self) -> int:
-        return 1 + 2 * self.frequencies.shape[0]
+        return 1 + 2 * len(self.frequencies)
 
     def __call__(self, t: Time) -> Float[Array, " features"]:
         t = jnp.asarray(t)
-        freqs = jax.lax.stop_gradient(self.frequencies).astype(t.dtype)
-        angles = 2 * math.pi * freqs * t
+        angles = 2 * math.pi * jnp.asarray(self.frequencies, t.dtype) * t
         return jnp.concatenate([t[None], jnp.sin(angles), jnp.cos(angles)])
 
 

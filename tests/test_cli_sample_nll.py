@@ -154,13 +154,19 @@ def test_bad_input_is_one_line_and_exit_1(runs, tmp_path):
     _fails_cleanly(["sample", "--run-dir", rings, "--trajectories"], "--plot")
 
 
-def test_nll_in_a_real_subprocess(runs):
-    # The fixture's run was written by this float64 test process; the child matches it.
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_ENABLE_X64="1")
-    args = [sys.executable, "-m", "cli.main", "nll", "--run-dir", str(runs["stochastic"]),
-            "--data", "rings", "--num", "30", "--method", "ode", "--solver", "heun", "--steps",
-            "4", "--json"]  # fmt: skip
+def test_nll_in_a_real_subprocess(runs, tmp_path):
+    # The fixture's run was written by this float64 test process; the child computes in float32,
+    # so this also checks that a checkpoint loads across float precisions.
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_ENABLE_X64="0")
+    # A file, so that both processes see the same points (generators differ across dtypes).
+    data = tmp_path / "held_out.npy"
+    np.save(data, nd.load_dataset("rings", split="test", num=30, seed=0).astype(np.float32))
+    nll_args = ["nll", "--run-dir", str(runs["stochastic"]), "--data", str(data), "--num", "30",
+                "--method", "ode", "--solver", "heun", "--steps", "4", "--json"]  # fmt: skip
+    args = [sys.executable, "-m", "cli.main", *nll_args]
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["nfe"] == 8 and summary["num"] == 30 and math.isfinite(summary["nll"])
+    in_process, _ = _invoke_json(nll_args)
+    assert abs(summary["nll"] - in_process["nll"]) < 1e-3 * (1 + abs(in_process["nll"]))
