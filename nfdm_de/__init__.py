@@ -2,6 +2,10 @@
 
 import importlib.metadata
 
+from ._flow import (
+    NeuralFlow as NeuralFlow,
+    neural_flow as neural_flow,
+)
 from ._forward import (
     AbstractForwardProcess as AbstractForwardProcess,
     AbstractGaussianForwardProcess as AbstractGaussianForwardProcess,
