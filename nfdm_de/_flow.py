@@ -24,7 +24,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Bool
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Int
 
 from ._custom_types import Data, Key, Scalar, Time
 from ._forward import (
@@ -51,7 +52,7 @@ def _knots(raw: Array, bound: float) -> tuple[Array, Array]:
     # A cumulative sum as a product with a triangular matrix: K is small, and this compiles to
     # far less than a scan.
     upper = jnp.triu(jnp.ones((num_bins, num_bins - 1), raw.dtype))
-    inner = 2 * bound * (sizes @ upper) - bound
+    inner = 2 * bound * jnp.matmul(sizes, upper, precision=jax.lax.Precision.HIGHEST) - bound
     ends = jnp.full((*raw.shape[:-1], 1), bound, raw.dtype)
     # The end knots are pinned to -bound and +bound exactly.
     knots = jnp.concatenate([-ends, inner, ends], axis=-1)
@@ -156,13 +157,28 @@ def _spline_inverse(params: Array, y: Array, bound: float) -> tuple[Array, Array
     return jnp.where(inside, e, y), jnp.where(inside, -log_slope, 0.0)
 
 
-def _coupling_masks(data_size: int, num_layers: int) -> Array:
+def _coupling_masks(data_size: int, num_layers: int) -> np.ndarray:
     """Which coordinates each layer transforms: alternately the even and the odd ones for D >= 2
     (each conditioned on the rest); for D = 1 the one coordinate, conditioned on (x, t) alone."""
     if data_size == 1:
-        return jnp.ones((num_layers, 1), bool)
-    index = jnp.arange(data_size)
-    return jnp.stack([(index + layer) % 2 == 0 for layer in range(num_layers)])
+        return np.ones((num_layers, 1), bool)
+    index = np.arange(data_size)
+    return np.stack([(index + layer) % 2 == 0 for layer in range(num_layers)])
+
+
+def _slots(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, the indices the splines act on, padded to a common count H = max |B_l| with
+    distinct conditioning coordinates (which get zero parameters, so stay unchanged bit for bit):
+    the layers then share one shape and run in a `lax.scan`, and the splines run on H, not D,
+    coordinates (half the work for D = 2)."""
+    width = int(masks.sum(axis=1).max())
+    slots, valid = [], []
+    for mask in masks:
+        transformed = np.flatnonzero(mask)
+        padding = np.flatnonzero(~mask)[: width - transformed.size]
+        slots.append(np.concatenate([transformed, padding]))
+        valid.append(np.arange(width) < transformed.size)
+    return np.stack(slots).astype(np.int32), np.stack(valid)
 
 
 class NeuralFlow(AbstractForwardProcess):
@@ -186,9 +202,11 @@ class NeuralFlow(AbstractForwardProcess):
     - `anchor`: an `AbstractGaussianForwardProcess`; `delta` is taken from it.
     - `conditioners`: one `TimeConditionedMLP` per layer, *stacked* (every array has a leading
       axis of length L, as built by `eqx.filter_vmap`), mapping the concatenation of
-      (e with the transformed coordinates zeroed, x) of size 2D to D * (3 num_bins - 1) raw
-      spline parameters. The layers run in a `lax.scan`, so compile time does not grow with L.
-    - `masks`: boolean (L, D), True where layer l transforms.
+      (e with the transformed coordinates zeroed, x) of size 2D to H * (3 num_bins - 1) raw
+      spline parameters, H = the most coordinates any layer transforms (see `_slots`).
+    - `masks`: boolean (L, D), True where layer l transforms; at least one per layer.
+    - `num_bins`, `bound`: the splines' bins on [-bound, bound].
+    - `unroll`: unroll the `lax.scan` over layers (faster steps, compile time growing with L).
 
     Acts on vectors of shape (D,), D >= 1. `transform`, `inverse` and `log_det_inverse` define the
     process; `velocity_and_score` is overridden only to share work between the two fields (one
@@ -199,18 +217,22 @@ class NeuralFlow(AbstractForwardProcess):
     anchor: AbstractGaussianForwardProcess
     conditioners: TimeConditionedMLP
     masks: Bool[Array, "layers size"]
+    slots: Int[Array, "layers slots"]
+    valid: Bool[Array, "layers slots"]
     num_bins: int = eqx.field(static=True)
     bound: float = eqx.field(static=True)
+    unroll: bool = eqx.field(static=True)
     delta: float = eqx.field(static=True)
 
     def __init__(
         self,
         anchor: AbstractGaussianForwardProcess,
         conditioners: TimeConditionedMLP,
-        masks: Bool[Array, "layers size"],
+        masks: Bool[ArrayLike, "layers size"],
         *,
         num_bins: int = 8,
         bound: float = 4.0,
+        unroll: bool = True,
     ):
         if not isinstance(anchor, AbstractGaussianForwardProcess):
             raise ValueError(
@@ -220,13 +242,22 @@ class NeuralFlow(AbstractForwardProcess):
             raise ValueError(f"`num_bins` must be an integer in [2, 1000); got {num_bins!r}.")
         if not (isinstance(bound, int | float) and bound > 0):
             raise ValueError(f"`bound` must be a positive number; got {bound!r}.")
+        masks = np.asarray(masks, bool)
+        if masks.ndim != 2 or not masks.any(axis=1).all():
+            raise ValueError(
+                "`masks` must be a boolean array (layers, D) with at least one transformed "
+                f"coordinate per layer; got shape {masks.shape} with "
+                f"{masks.sum(axis=-1).tolist()} per layer."
+            )
         num_layers, data_size = masks.shape
-        expected = (2 * data_size, data_size * (3 * num_bins - 1))
+        slots, valid = _slots(masks)
+        expected = (2 * data_size, slots.shape[1] * (3 * num_bins - 1))
         got = (conditioners.in_size, conditioners.out_size)
         if got != expected:
             raise ValueError(
                 f"NeuralFlow conditioners must map size {expected[0]} to {expected[1]} for "
-                f"D = {data_size} and {num_bins} bins; got {got[0]} to {got[1]}."
+                f"D = {data_size}, {slots.shape[1]} transformed coordinates per layer and "
+                f"{num_bins} bins; got {got[0]} to {got[1]}."
             )
         arrays = jax.tree.leaves(eqx.filter(conditioners, eqx.is_array))
         leading = {leaf.shape[0] if leaf.ndim else None for leaf in arrays}
@@ -237,9 +268,12 @@ class NeuralFlow(AbstractForwardProcess):
             )
         self.anchor = anchor
         self.conditioners = conditioners
-        self.masks = jnp.asarray(masks, bool)
+        self.masks = jnp.asarray(masks)
+        self.slots = jnp.asarray(slots)
+        self.valid = jnp.asarray(valid)
         self.num_bins = num_bins
         self.bound = float(bound)
+        self.unroll = bool(unroll)
         self.delta = anchor.delta
 
     @property
@@ -253,34 +287,38 @@ class NeuralFlow(AbstractForwardProcess):
                 f"NeuralFlow acts on vectors of shape ({size},); `{name}` has shape {a.shape}."
             )
 
-    def _layer_params(self, conditioner, mask: Array, e: Array, t: Array, x: Array) -> Array:
+    def _layer(self, conditioner, layer, e, t, x, *, inverse: bool):
+        mask, slots, valid = layer
         inputs = jnp.concatenate([jnp.where(mask, 0.0, e), x])
-        raw = conditioner(inputs, t).reshape(e.shape[0], 3 * self.num_bins - 1)
+        raw = conditioner(inputs, t).reshape(slots.shape[0], 3 * self.num_bins - 1)
         # Zero parameters give the identity spline bit for bit: the gate switches every layer
-        # off at both ends, and the mask keeps the conditioning coordinates unchanged.
-        return jnp.where(mask[:, None], t * (1 - t) * raw, 0.0)
+        # off at both ends, and padding slots stay unchanged.
+        params = jnp.where(valid[:, None], t * (1 - t) * raw, 0.0)
+        spline = _spline_inverse if inverse else _spline_forward
+        values, log_slope = spline(params, e[slots], self.bound)
+        e = e.at[slots].set(values, unique_indices=True)
+        return e, jnp.sum(jnp.where(valid, log_slope, 0.0))
 
     def _flow_forward(self, eps: Array, t: Array, x: Array) -> Array:
         dynamic, static = eqx.partition(self.conditioners, eqx.is_array)
 
         def layer(e, inputs):
             conditioner = eqx.combine(inputs[0], static)
-            params = self._layer_params(conditioner, inputs[1], e, t, x)
-            return _spline_forward(params, e, self.bound)[0], None
+            return self._layer(conditioner, inputs[1:], e, t, x, inverse=False)[0], None
 
-        u, _ = jax.lax.scan(layer, eps, (dynamic, self.masks))
+        layers = (dynamic, self.masks, self.slots, self.valid)
+        u, _ = jax.lax.scan(layer, eps, layers, unroll=self.unroll)
         return u
 
     def _flow_inverse(self, u: Array, t: Array, x: Array) -> tuple[Array, Array]:
         dynamic, static = eqx.partition(self.conditioners, eqx.is_array)
 
         def layer(e, inputs):
-            conditioner, mask = eqx.combine(inputs[0], static), inputs[1]
-            params = self._layer_params(conditioner, mask, e, t, x)
-            e, log_slope = _spline_inverse(params, e, self.bound)
-            return e, jnp.sum(jnp.where(mask, log_slope, 0.0))
+            conditioner = eqx.combine(inputs[0], static)
+            return self._layer(conditioner, inputs[1:], e, t, x, inverse=True)
 
-        eps, log_dets = jax.lax.scan(layer, u, (dynamic, self.masks), reverse=True)
+        layers = (dynamic, self.masks, self.slots, self.valid)
+        eps, log_dets = jax.lax.scan(layer, u, layers, reverse=True, unroll=self.unroll)
         return eps, jnp.sum(log_dets)
 
     def _inverse_and_log_det(self, z: Array, t: Array, x: Array) -> tuple[Array, Array]:
@@ -363,6 +401,7 @@ def neural_flow(
     learn_anchor: bool = True,
     anchor_width: int | None = None,
     anchor_depth: int | None = None,
+    unroll: bool = True,
     delta: float = 0.01,
     key: Key,
 ) -> NeuralFlow:
@@ -375,6 +414,8 @@ def neural_flow(
     - `num_bins`, `bound`: spline bins on [-bound, bound]; the identity outside.
     - `learn_anchor`: a `NeuralGaussian` anchor (an MLP of `anchor_width` x `anchor_depth`,
       default `width` x `depth`) when true; the fixed `LinearInterpolant` when false.
+    - `unroll`: unroll the loop over layers (faster steps) or keep a `lax.scan` (compile time
+      independent of `num_layers`; the tests use this). The same mathematics either way.
     - `delta`: the noise scale at t = 0.
 
     Every output layer starts at zero: the process starts exactly at the linear interpolant.
@@ -397,12 +438,13 @@ def neural_flow(
     else:
         anchor = LinearInterpolant(delta=delta)
 
+    masks = _coupling_masks(data_size, num_layers)
+    num_slots = int(masks.sum(axis=1).max())
     conditioners = _stacked_conditioners(
         jr.split(layers_key, num_layers),
         2 * data_size,
-        data_size * (3 * num_bins - 1),
+        num_slots * (3 * num_bins - 1),
         width,
         depth,
     )
-    masks = _coupling_masks(data_size, num_layers)
-    return NeuralFlow(anchor, conditioners, masks, num_bins=num_bins, bound=bound)
+    return NeuralFlow(anchor, conditioners, masks, num_bins=num_bins, bound=bound, unroll=unroll)

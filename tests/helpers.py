@@ -53,7 +53,9 @@ def forward_processes(key):
     k1, k2, k3, k4, k5, k6 = jr.split(key, 6)
     neural = perturb(nd.neural_gaussian(DATA_SIZE, width=16, depth=2, key=k1), k2)
     schedule = perturb(nd.LearnedSchedule(hidden=8, key=k3), k4, scale=1.0)
-    flow = perturb(nd.neural_flow(DATA_SIZE, width=16, depth=1, num_layers=3, key=k5), k6)
+    flow = perturb(
+        nd.neural_flow(DATA_SIZE, width=16, depth=1, num_layers=3, unroll=False, key=k5), k6
+    )
     return {
         "neural-gaussian": neural,
         "linear": nd.LinearInterpolant(),

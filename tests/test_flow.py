@@ -26,7 +26,9 @@ INTERIOR_TIMES = jnp.array([0.013, 0.3, 0.5, 0.87])
 
 def _flow_1d(key, scale=0.3):
     k1, k2 = jr.split(key)
-    return perturb(nd.neural_flow(1, width=16, depth=1, num_layers=2, key=k1), k2, scale=scale)
+    return perturb(
+        nd.neural_flow(1, width=16, depth=1, num_layers=2, unroll=False, key=k1), k2, scale=scale
+    )
 
 
 @eqx.filter_jit
@@ -64,7 +66,9 @@ def test_couplings_are_the_identity_bit_for_bit_at_both_ends(getkey):
 def test_starts_exactly_at_the_linear_interpolant(data_size, getkey):
     # Same configuration as the conformance table, so the compiled code is shared.
     layers = 3 if data_size == DATA_SIZE else 2
-    flow = nd.neural_flow(data_size, width=16, depth=1, num_layers=layers, key=getkey())
+    flow = nd.neural_flow(
+        data_size, width=16, depth=1, num_layers=layers, unroll=False, key=getkey()
+    )
     linear = nd.LinearInterpolant()
     x, eps = 2.0 * jr.normal(getkey(), (2, data_size))
     for t in INTERIOR_TIMES:
@@ -172,12 +176,13 @@ def test_loss_terms_for_the_true_predictor_and_the_prior(getkey):
     assert abs(float(nd.prior_kl(model, getkey(), x))) < IDENTITY_TOL
 
 
+@pytest.mark.slow
 def test_loss_trains_it_in_float32(getkey):
     # The library default outside the tests: every parameter and input in float32.
     def f32(tree):
         return jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, tree)
 
-    forward = f32(nd.neural_flow(2, width=16, depth=1, num_layers=2, key=getkey()))
+    forward = f32(nd.neural_flow(2, width=16, depth=1, num_layers=2, unroll=False, key=getkey()))
     predictor = f32(nd.mlp_predictor(2, width=32, depth=2, key=getkey()))
     model = nd.NFDM(forward, predictor, f32(nd.ConstantVolatility(1.0)), data_shape=(2,))
     centres = jnp.array([[2.0, 0.0], [-2.0, 0.0]], jnp.float32)
@@ -229,7 +234,9 @@ def test_bad_input_is_rejected_with_a_clear_message(getkey):
         nd.neural_flow(2, delta=0.0, key=getkey())
     with pytest.raises(ValueError, match=r"num_layers.*got 0"):
         nd.neural_flow(2, num_layers=0, key=getkey())
+    with pytest.raises(ValueError, match=r"at least one transformed coordinate per layer"):
+        nd.NeuralFlow(flow.anchor, flow.conditioners, jnp.zeros((3, 3), bool))
     with pytest.raises(ValueError, match=r"num_bins.*got 1"):
         nd.neural_flow(2, num_bins=1, key=getkey())
-    with pytest.raises(ValueError, match=r"conditioners must map size 6 to 33.*got 6 to 69"):
+    with pytest.raises(ValueError, match=r"conditioners must map size 6 to 33.*got 6 to 46"):
         nd.NeuralFlow(flow.anchor, flow.conditioners, jnp.ones((3, 3), bool), num_bins=4)
