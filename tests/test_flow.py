@@ -90,6 +90,28 @@ def test_shared_work_override_matches_the_generic_autodiff_path(getkey):
         assert max_abs(mine, generic) < IDENTITY_TOL * (1 + float(jnp.max(jnp.abs(generic))))
 
 
+def test_unrolled_layer_loop_computes_the_same_process(getkey):
+    # The default (`unroll=True`, used for speed) and the scan the other tests use are two
+    # schedules of the same computation.
+    key, perturb_key = getkey(), getkey()
+    unrolled, scanned = (
+        perturb(
+            nd.neural_flow(DATA_SIZE, width=16, depth=1, num_layers=2, unroll=u, key=key),
+            perturb_key,
+        )
+        for u in (True, False)
+    )
+    x, eps = jr.normal(getkey(), (2, DATA_SIZE))
+
+    @eqx.filter_jit
+    def fields(flow):
+        z = flow.transform(eps, 0.4, x)
+        return (z, *flow.velocity_and_score(z, 0.4, x))
+
+    for a, b in zip(fields(unrolled), fields(scanned), strict=True):
+        assert max_abs(a, b) < IDENTITY_TOL * (1 + float(jnp.max(jnp.abs(b))))
+
+
 def test_one_dimensional_data(getkey):
     # D = 1: nothing to split, every layer's spline depends on (x, t) alone. The conformance
     # checks, condensed.
