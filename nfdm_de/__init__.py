@@ -37,6 +37,10 @@ from ._data import (
     get_dataset as get_dataset,
     load_dataset as load_dataset,
 )
+from ._flow import (
+    NeuralFlow as NeuralFlow,
+    neural_flow as neural_flow,
+)
 from ._forward import (
     AbstractForwardProcess as AbstractForwardProcess,
     AbstractGaussianForwardProcess as AbstractGaussianForwardProcess,

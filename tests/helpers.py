@@ -50,19 +50,30 @@ class GenericPath(nd.AbstractForwardProcess):
 
 def forward_processes(key):
     """Every built-in forward process, learnable ones perturbed away from initialisation."""
-    k1, k2, k3, k4 = jr.split(key, 4)
+    k1, k2, k3, k4, k5, k6 = jr.split(key, 6)
     neural = perturb(nd.neural_gaussian(DATA_SIZE, width=16, depth=2, key=k1), k2)
     schedule = perturb(nd.LearnedSchedule(hidden=8, key=k3), k4, scale=1.0)
+    flow = perturb(
+        nd.neural_flow(DATA_SIZE, width=16, depth=1, num_layers=3, unroll=False, key=k5), k6
+    )
     return {
         "neural-gaussian": neural,
         "linear": nd.LinearInterpolant(),
         "vp": nd.VariancePreserving(delta=0.05),
         "learned-schedule": schedule,
         "generic(neural-gaussian)": GenericPath(neural),
+        "neural-flow": flow,
     }
 
 
-FORWARD_NAMES = ["neural-gaussian", "linear", "vp", "learned-schedule", "generic(neural-gaussian)"]
+FORWARD_NAMES = [
+    "neural-gaussian",
+    "linear",
+    "vp",
+    "learned-schedule",
+    "generic(neural-gaussian)",
+    "neural-flow",
+]
 
 
 def max_abs(a, b):
