@@ -194,7 +194,8 @@ def test_loss_terms_for_the_true_predictor_and_the_prior(getkey):
     model = nd.NFDM(flow, _OraclePredictor(x), nd.ConstantVolatility(0.7), data_shape=(DATA_SIZE,))
     for t in (0.05, 0.5, 0.95):
         breakdown = nd.example_loss(model, x, t, jr.normal(getkey(), (DATA_SIZE,)))
-        assert float(breakdown.diffusion) == 0.0 and float(breakdown.prior) == 0.0
+        # Rounding only: the fields at x come from F (jvp) and at x_hat from F^{-1}.
+        assert float(breakdown.diffusion) < IDENTITY_TOL**2 and float(breakdown.prior) == 0.0
     assert abs(float(nd.prior_kl(model, getkey(), x))) < IDENTITY_TOL
 
 
