@@ -93,6 +93,12 @@ from ._terms import (
     Hutchinson as Hutchinson,
     RademacherProbe as RademacherProbe,
 )
+from ._sharding import (
+    data_mesh as data_mesh,
+    initialize_distributed as initialize_distributed,
+    replicate as replicate,
+    shard_batch as shard_batch,
+)
 from ._train import (
     LoadedRun as LoadedRun,
     TrainingDiverged as TrainingDiverged,
