@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-
 DATA_AXIS = "data"
 
 # Environment variables read by `initialize_distributed` when no flag is given.
@@ -59,7 +58,9 @@ def initialize_distributed(
         try:
             return convert(raw)
         except ValueError:
-            raise ValueError(f"environment variable {name} must be an integer; got {raw!r}.")
+            raise ValueError(
+                f"environment variable {name} must be an integer; got {raw!r}."
+            ) from None
 
     coordinator = from_env(coordinator, COORDINATOR_ENV, str)
     num_processes = from_env(num_processes, NUM_PROCESSES_ENV, int)
@@ -82,9 +83,7 @@ def initialize_distributed(
     if not (isinstance(num_processes, int) and num_processes >= 1):
         raise ValueError(f"the process count must be a positive integer; got {num_processes!r}.")
     if not (isinstance(process_id, int) and 0 <= process_id < num_processes):
-        raise ValueError(
-            f"the process id must be in [0, {num_processes}); got {process_id!r}."
-        )
+        raise ValueError(f"the process id must be in [0, {num_processes}); got {process_id!r}.")
     if ":" not in coordinator:
         raise ValueError(f"the coordinator address must be host:port; got {coordinator!r}.")
     if num_processes == 1:
@@ -141,8 +140,7 @@ def process_rows(batch_size: int, mesh: Mesh) -> slice:
     processes = jax.process_count()
     if batch_size % processes != 0:
         raise ValueError(
-            f"the global batch size {batch_size} does not divide evenly over {processes} "
-            "processes."
+            f"the global batch size {batch_size} does not divide evenly over {processes} processes."
         )
     # A mesh from `data_mesh` lists devices process by process, so process p owns the p-th block.
     owners = [d.process_index for d in mesh.devices.flat]
@@ -177,9 +175,7 @@ def shard_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
     sharding = NamedSharding(mesh, P(DATA_AXIS))
     global_rows = local.shape[0] * jax.process_count()
     check_divisible(global_rows, mesh, "the global batch size")
-    return jax.make_array_from_process_local_data(
-        sharding, local, (global_rows, *local.shape[1:])
-    )
+    return jax.make_array_from_process_local_data(sharding, local, (global_rows, *local.shape[1:]))
 
 
 # --- independent solves per device --------------------------------------------------------------
@@ -224,8 +220,7 @@ def map_chunks(
         return local(chunked, index, shared_dynamic)
     if num_chunks % mesh_size(mesh) != 0:
         raise ValueError(
-            f"{num_chunks} independent solves do not divide evenly over {mesh_size(mesh)} "
-            "devices."
+            f"{num_chunks} independent solves do not divide evenly over {mesh_size(mesh)} devices."
         )
     spec = P(DATA_AXIS)
     constrain = jax.lax.with_sharding_constraint
@@ -242,3 +237,21 @@ def map_chunks(
     out = mapped(chunked, index, shared_dynamic)
     # Gather to every device: callers read the results on the host (on every process).
     return jax.tree.map(lambda a: constrain(a, NamedSharding(mesh, P())), out)
+
+
+def resolve_chunks(num: int, mesh: Mesh | None, num_chunks: int | None, what: str) -> int:
+    """The number of independent solves for `num` examples: `num_chunks`, else one per device."""
+    devices = 1 if mesh is None else mesh_size(mesh)
+    chunks = devices if num_chunks is None else num_chunks
+    if isinstance(chunks, bool) or not (isinstance(chunks, int) and chunks >= 1):
+        raise ValueError(f"`num_chunks` must be a positive integer; got {num_chunks!r}.")
+    if chunks % devices != 0:
+        raise ValueError(
+            f"`num_chunks` ({chunks}) must be a multiple of the {devices} devices of the mesh."
+        )
+    if num % chunks != 0:
+        raise ValueError(
+            f"{what} {num} does not split into {chunks} equal independent solves (one or more "
+            f"per device); use a multiple of {chunks}."
+        )
+    return chunks
