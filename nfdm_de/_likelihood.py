@@ -22,7 +22,7 @@ from ._custom_types import Key
 from ._loss import example_loss, stratified_times
 from ._model import NFDM
 from ._sample import PER_EXAMPLE_DEFAULT
-from ._sharding import DATA_AXIS, check_divisible, map_chunks, resolve_chunks
+from ._sharding import DATA_AXIS, check_divisible, map_chunks, mesh_size, resolve_chunks
 from ._solve import SolveReport, SolveStats, Stepping, report, stepping, timed
 from ._terms import AbstractTraceEstimator, ExactTrace, likelihood_term
 
@@ -226,6 +226,8 @@ def log_likelihood(
         x = x.astype(jnp.result_type(float))
     num = x.shape[0]
     num_chunks = resolve_chunks(num, mesh, num_chunks, "the batch size")
+    # One device: the plain solve (bit-identical to no mesh at all).
+    mesh = None if mesh is None or mesh_size(mesh) == 1 else mesh
     log_prob, stats = timed(
         _log_likelihood_core,
         model,

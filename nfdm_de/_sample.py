@@ -9,7 +9,7 @@ from jaxtyping import Array, Float
 
 from ._custom_types import Key
 from ._model import NFDM
-from ._sharding import map_chunks, resolve_chunks
+from ._sharding import map_chunks, mesh_size, resolve_chunks
 from ._solve import SolveReport, SolveStats, Stepping, report, stepping, timed
 from ._terms import generative_ode_term, generative_sde_terms
 
@@ -167,6 +167,8 @@ def sample(
     """
     settings = _settings(solver, steps, rtol, atol, max_steps, sde, num)
     num_chunks = resolve_chunks(num, mesh, num_chunks, "`num`")
+    # One device: the plain solve (bit-identical to no mesh at all).
+    mesh = None if mesh is None or mesh_size(mesh) == 1 else mesh
     saveat = dfx.SaveAt(t1=True)
     ys, stats = timed(
         _sample_core,

@@ -210,3 +210,40 @@ def test_two_processes_resume_and_match_one_process(runs, tmp_path):
     np.testing.assert_allclose(_losses(run), _losses(one / "run"), rtol=RTOL, atol=0)
     assert "resuming" in outputs[0][1] and "resuming" not in outputs[1][1]
     assert _max_param_difference(run, one / "run") < 1e-9
+
+
+# --- in-process checks of the pieces (one device) ------------------------------------------------
+
+
+def test_chunks_are_independent_solves(getkey):
+    """`num_chunks` adaptive solves equal separate calls on each chunk (the oracle for "each
+    device solves its own rows"): a joint solve would give chunk-dependent step sizes."""
+    model = nd.build_model(nd.ModelConfig(width=16, depth=1), (2,), getkey())
+    x = jax.random.normal(getkey(), (6, 2))
+    chunked, stats = nd.log_likelihood(model, x, num_chunks=3, rtol=1e-4, atol=1e-4)
+    parts = [nd.log_likelihood(model, x[i : i + 2], rtol=1e-4, atol=1e-4) for i in (0, 2, 4)]
+    separate = np.concatenate([np.asarray(e.value) for e, _ in parts])
+    np.testing.assert_allclose(np.asarray(chunked.value), separate, rtol=1e-10, atol=1e-10)
+    assert stats.nfe == pytest.approx(np.mean([s.nfe for _, s in parts]))
+    assert stats.nfe_max == max(s.nfe_max for _, s in parts)
+    with pytest.raises(ValueError, match="6 does not split into 4"):
+        nd.log_likelihood(model, x, num_chunks=4)
+    with pytest.raises(ValueError, match="`num` 5 does not split into 2"):
+        nd.sample(model, getkey(), 5, num_chunks=2)
+
+
+def test_distributed_settings_are_checked(monkeypatch):
+    for name in (COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert nd.initialize_distributed() is False  # nothing given: a single process
+    with pytest.raises(ValueError, match="missing: process_id"):
+        nd.initialize_distributed("127.0.0.1:1234", 2)
+    with pytest.raises(ValueError, match=r"process id must be in \[0, 2\); got 2"):
+        nd.initialize_distributed("127.0.0.1:1234", 2, 2)
+    with pytest.raises(ValueError, match="host:port"):
+        nd.initialize_distributed("localhost", 2, 0)
+    monkeypatch.setenv(NUM_PROCESSES_ENV, "two")
+    with pytest.raises(ValueError, match="NFDM_DE_NUM_PROCESSES must be an integer"):
+        nd.initialize_distributed()
+    # One process in all is a plain single-process run (nothing to join).
+    assert nd.initialize_distributed("127.0.0.1:1234", 1, 0) is False
