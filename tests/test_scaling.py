@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -125,13 +126,14 @@ def test_sample_and_nll_on_4_devices_match_one_device(runs):
 
 
 def test_bad_sizes_are_one_line_errors(runs):
-    _, s4 = runs[4]
+    four, s4 = runs[4]
     bad = s4["bad_batch"]
     assert bad["exit_code"] == 1
     lines = bad["stderr"].strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), bad["stderr"]
     assert "30 does not divide evenly over 4 devices" in lines[0]
     assert "Traceback" not in bad["stderr"]
+    assert not (four / "bad").exists()  # refused before anything was written
     bad = s4["bad_num"]
     assert bad["exit_code"] == 1
     assert "18 does not split into 4" in bad["stderr"]
@@ -155,45 +157,35 @@ def test_two_processes_resume_and_match_one_process(runs, tmp_path):
     from scaling_worker import TRAIN
 
     port = _free_port()
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cli.main",
-                *TRAIN[:],
-                "--run-dir",
-                str(run),
-                "--resume",
-                "--json",
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-            ],
-            cwd=REPO,
-            env=_env(1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = []
+    logs = [(tmp_path / f"out{i}.txt", tmp_path / f"err{i}.txt") for i in range(2)]
+    processes = []
+    for i, (out, err) in enumerate(logs):
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            command = [sys.executable, "-m", "cli.main", *TRAIN, "--run-dir", str(run)]
+            command += ["--resume", "--json", "--coordinator", f"127.0.0.1:{port}"]
+            command += ["--num-processes", "2", "--process-id", str(i)]
+            processes.append(
+                subprocess.Popen(command, cwd=REPO, env=_env(1), stdout=stdout, stderr=stderr)
+            )
+    # If one process dies, the other would wait for it at the next collective: stop it.
+    deadline = time.monotonic() + TIMEOUT
     try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=TIMEOUT))
+        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in processes):
+                break
+            time.sleep(0.2)
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
+            process.wait()
+    outputs = [(out.read_text(), err.read_text()) for out, err in logs]
     failed = [
         (p.returncode, err) for p, (_, err) in zip(processes, outputs, strict=True) if p.returncode
     ]
     if failed:
-        text = failed[0][1]
+        # The process that failed first, not the one stopped because of it.
+        text = max(failed, key=lambda f: f[0])[1]
         if "gloo" in text.lower() or "collective" in text.lower():
             pytest.skip(
                 "the CPU backend cannot run cross-process collectives here: "
