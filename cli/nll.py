@@ -83,6 +83,13 @@ def nll(
         typer.Option(help="Write each example's NLL: .npy (the `nll` values) or a CSV table."),
     ] = None,
     max_steps: Annotated[int, typer.Option(help="Step budget of an adaptive solve.")] = 4096,
+    chunks: Annotated[
+        int | None,
+        typer.Option(
+            help="Independent ODE solves per batch (default: one per device); a multiple of "
+            "the device count. Same --chunks, same NLL on any device count."
+        ),
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (last stdout line).")
     ] = False,
@@ -100,6 +107,14 @@ def nll(
             raise ValueError(f"--batch-size must be a positive integer; got {batch_size}.")
         if probes < 1:
             raise ValueError(f"--probes must be a positive integer; got {probes}.")
+        if chunks is not None and chunks < 1:
+            raise ValueError(f"--chunks must be a positive integer; got {chunks}.")
+        # All local devices, each solving its own rows of every batch (docs/scaling.md).
+        mesh = nd.data_mesh()
+        devices = int(mesh.devices.size)
+        num_chunks = devices if chunks is None else chunks
+        if num_chunks % devices != 0:
+            raise ValueError(f"--chunks {num_chunks} must be a multiple of the {devices} devices.")
         solver_object = solver_from_name(solver, sde=False)
         run = nd.load_run(os.fspath(run_dir))
         model = run.model
@@ -147,7 +162,8 @@ def nll(
             err=True,
         )
         base = jr.key(seed)
-        size = min(batch_size, total)
+        # Whole chunks per batch: the padding below fills the last chunk.
+        size = -(-min(batch_size, total) // num_chunks) * num_chunks
         with typer.progressbar(length=total, label="nll", file=sys.stderr) as bar:
             for index, start in enumerate(range(0, total, size)):
                 batch = x[start : start + size]
@@ -174,6 +190,8 @@ def nll(
                             steps=steps,
                             max_steps=max_steps,
                             dequantization=dequantization,
+                            mesh=mesh,
+                            num_chunks=num_chunks,
                         )
                         values = -(np.asarray(estimate.value)[:count] + log_jacobian)
                     else:
@@ -183,6 +201,7 @@ def nll(
                             key=key,
                             num_samples=bound_samples,
                             dequantization=dequantization,
+                            mesh=mesh,
                         )
                         values = np.asarray(estimate.value)[:count] - log_jacobian
                     per_method[m].append(values)
@@ -209,6 +228,8 @@ def nll(
             "data": data,
             "run_dir": os.fspath(run_dir),
             "checkpoint_step": run.step,
+            "devices": devices,
+            "chunks": num_chunks,
         }
         if Method.ode in methods:
             summary["probes"] = probes if trace is Trace.hutchinson else None

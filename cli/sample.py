@@ -95,6 +95,13 @@ def sample(
         typer.Option(help="Reference .npy in data units: adds mmd and energy_distance."),
     ] = None,
     max_steps: Annotated[int, typer.Option(help="Step budget of an adaptive solve.")] = 4096,
+    chunks: Annotated[
+        int | None,
+        typer.Option(
+            help="Independent solves the samples are split into (default: one per device); "
+            "a multiple of the device count. Same --chunks, same samples on any device count."
+        ),
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (last stdout line).")
     ] = False,
@@ -108,6 +115,8 @@ def sample(
 
         if num < 1:
             raise ValueError(f"--num must be a positive integer; got {num}.")
+        if chunks is not None and chunks < 1:
+            raise ValueError(f"--chunks must be a positive integer; got {chunks}.")
         if trajectories and plot is None:
             raise ValueError("--trajectories draws on the --plot; give --plot FILE.png.")
         name = solver or ("shark" if sde else "tsit5")
@@ -140,7 +149,9 @@ def sample(
             f"{' SDE' if sde else ' ODE'}",
             err=True,
         )
-        z, stats = nd.sample(run.model, key, num, **settings)
+        # All local devices, each solving its own rows (docs/scaling.md).
+        mesh = nd.data_mesh()
+        z, stats = nd.sample(run.model, key, num, mesh=mesh, num_chunks=chunks, **settings)
         samples = _to_data_units(run, z)
         out_path = os.fspath(out) if out is not None else os.path.join(run_dir, "samples.npy")
         atomic_save(out_path, lambda tmp: np.save(tmp, samples))
@@ -158,6 +169,8 @@ def sample(
             "out": out_path,
             "run_dir": os.fspath(run_dir),
             "checkpoint_step": run.step,
+            "devices": int(mesh.devices.size),
+            "chunks": chunks if chunks is not None else int(mesh.devices.size),
         }
         if reference_data is not None:
             flat = samples.reshape(num, -1)

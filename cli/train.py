@@ -115,8 +115,25 @@ def train(
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
     keep: Annotated[int | None, typer.Option(help="Keep the last K checkpoints.")] = None,
     log_every: Annotated[int | None, typer.Option(help="Metrics line every N steps.")] = None,
+    coordinator: Annotated[
+        str | None,
+        typer.Option(
+            help="Multi-process: host:port of process 0 (or $NFDM_DE_COORDINATOR); see "
+            "docs/scaling.md."
+        ),
+    ] = None,
+    num_processes: Annotated[
+        int | None,
+        typer.Option(help="Multi-process: number of processes (or $NFDM_DE_NUM_PROCESSES)."),
+    ] = None,
+    process_id: Annotated[
+        int | None,
+        typer.Option(help="Multi-process: this process's id, 0-based (or $NFDM_DE_PROCESS_ID)."),
+    ] = None,
 ) -> None:
     """Train an NFDM; write the config, checkpoints and metrics to the run directory."""
+    import jax
+
     import nfdm_de as nd
 
     flags = {
@@ -138,6 +155,8 @@ def train(
         "log_every": log_every,
     }
     try:
+        # Before any JAX computation: joining a multi-process run must precede backend setup.
+        nd.initialize_distributed(coordinator, num_processes, process_id)
         settings = _read_toml(config) if config is not None else {}
         toml_run_dir = settings.pop("run_dir", None)
         settings.update({k: v for k, v in flags.items() if v is not None})
@@ -166,12 +185,14 @@ def train(
         message = " ".join(str(error).split())
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(code=1) from None
+    process_index = jax.process_index()
     done = result.steps - result.resumed_from
-    typer.echo(
-        f"trained {done} steps in {result.seconds:.1f} s; final loss {result.final_loss:.4f}; "
-        f"run saved in {result.run_dir}",
-        err=True,
-    )
+    if process_index == 0:  # only process 0 reports to people
+        typer.echo(
+            f"trained {done} steps in {result.seconds:.1f} s; final loss "
+            f"{result.final_loss:.4f}; run saved in {result.run_dir}",
+            err=True,
+        )
     if json_output:
         summary = {
             "run_dir": result.run_dir,
@@ -183,5 +204,9 @@ def train(
             "data": resolved.data,
             "forward": resolved.model.forward.value,
             "volatility": resolved.model.volatility.value,
+            "devices": result.devices,
+            "processes": result.processes,
         }
+        if result.processes > 1:
+            summary["process_id"] = process_index
         typer.echo(json.dumps(summary))

@@ -88,6 +88,12 @@ from ._nn import (
     mlp_predictor as mlp_predictor,
 )
 from ._sample import sample as sample, sample_trajectories as sample_trajectories
+from ._sharding import (
+    data_mesh as data_mesh,
+    initialize_distributed as initialize_distributed,
+    replicate as replicate,
+    shard_batch as shard_batch,
+)
 from ._solve import SolveStats as SolveStats
 from ._terms import (
     AbstractProbeDistribution as AbstractProbeDistribution,

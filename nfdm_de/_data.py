@@ -477,16 +477,33 @@ class _Gather:
         return self.array[index]
 
 
-def batch_dataset(array: np.ndarray, *, batch_size: int, seed: int) -> grain.MapDataset:
+class _Rows:
+    """grain map: a global batch of row indices -> this process's part of it."""
+
+    def __init__(self, rows: slice):
+        self.rows = rows
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        return index[self.rows]
+
+
+def batch_dataset(
+    array: np.ndarray, *, batch_size: int, seed: int, rows: slice | None = None
+) -> grain.MapDataset:
     """Infinite, seeded, reshuffled-every-epoch batches of rows of `array`.
 
     `MapDataset` is random access: batch `i` is a pure function of (array, seed, i), so the
     iterator state is the index of the next batch, and a resumed run sees the same data order.
+    `rows` keeps only that slice of every global batch (one process's share in a multi-process
+    run; only those rows are gathered).
     """
     if array.ndim != 2:
         raise ValueError(f"expected a training array of shape (N, D); got {array.shape}.")
     indices = grain.MapDataset.range(array.shape[0]).shuffle(seed=seed).repeat()
-    return indices.batch(batch_size).map(_Gather(array))
+    batches = indices.batch(batch_size)
+    if rows is not None:
+        batches = batches.map(_Rows(rows))
+    return batches.map(_Gather(array))
 
 
 def dequantise(key: Key, x: Float[Array, " *shape"], num_levels: int) -> Float[Array, " *shape"]:

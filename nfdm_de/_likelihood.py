@@ -15,12 +15,14 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Shaped
 
 from ._custom_types import Key
 from ._loss import example_loss, stratified_times
 from ._model import NFDM
 from ._sample import PER_EXAMPLE_DEFAULT
+from ._sharding import DATA_AXIS, check_divisible, map_chunks, mesh_size, resolve_chunks
 from ._solve import SolveReport, SolveStats, Stepping, report, stepping, timed
 from ._terms import AbstractTraceEstimator, ExactTrace, likelihood_term
 
@@ -133,9 +135,7 @@ def _likelihood_solve(
     return log_prob, report(sol, solver, sde=False)
 
 
-@eqx.filter_jit
-def _log_likelihood_core(model, x, key, trace, solver, settings, per_example):
-    probes = trace.probes(key, x)
+def _solve_batch(model, x, probes, trace, solver, settings, per_example):
     if per_example:
 
         def one(x_i, probes_i):
@@ -146,6 +146,29 @@ def _log_likelihood_core(model, x, key, trace, solver, settings, per_example):
         probe_axis = None if probes is None else 1
         return jax.vmap(one, in_axes=(0, probe_axis))(x, probes)
     return _likelihood_solve(model, x, probes, trace, solver, settings)
+
+
+@eqx.filter_jit
+def _log_likelihood_core(
+    model, x, key, trace, solver, settings, per_example, num_chunks=1, mesh=None
+):
+    # Probes are drawn for the whole batch, so they do not depend on the chunking.
+    probes = trace.probes(key, x)
+    if num_chunks == 1 and mesh is None:
+        return _solve_batch(model, x, probes, trace, solver, settings, per_example)
+
+    def chunk(rows, shared, index):
+        del index
+        model, trace, solver, settings = shared
+        x, probes = rows
+        probes = None if probes is None else jnp.moveaxis(probes, 0, 1)
+        return _solve_batch(model, x, probes, trace, solver, settings, per_example)
+
+    # Probes are (estimates, batch, ...): chunk them along their batch axis.
+    rows = (x, None if probes is None else jnp.moveaxis(probes, 1, 0))
+    shared = (model, trace, solver, settings)
+    log_prob, rep = map_chunks(chunk, rows, shared, num_chunks=num_chunks, mesh=mesh)
+    return log_prob.reshape(x.shape[0], *log_prob.shape[2:]), rep
 
 
 def log_likelihood(
@@ -161,6 +184,8 @@ def log_likelihood(
     max_steps: int = 4096,
     dequantization: Dequantization | None = None,
     per_example: bool = PER_EXAMPLE_DEFAULT,
+    mesh: jax.sharding.Mesh | None = None,
+    num_chunks: int | None = None,
 ) -> tuple[Estimate, SolveStats]:
     """log p(x) of the deterministic generative model through the probability-flow ODE.
 
@@ -178,6 +203,9 @@ def log_likelihood(
     - `dequantization`: for integer data; the result is then a (stochastic) lower bound on the
       discrete log P(x), offset included.
     - `per_example`: vmapped per-example solves instead of one solve over the batch.
+    - `mesh`, `num_chunks`: spread the batch over the devices of a `data_mesh()` as
+      `num_chunks` independent solves (default one per device), as in `sample`; a one-device
+      run with the same `num_chunks` gives the same values.
 
     **Returns:** `(Estimate(log p, stderr), SolveStats)`; the standard error is over the K
     Hutchinson probes of each example (zero for the exact trace).
@@ -197,6 +225,9 @@ def log_likelihood(
     elif not jnp.issubdtype(x.dtype, jnp.inexact):
         x = x.astype(jnp.result_type(float))
     num = x.shape[0]
+    num_chunks = resolve_chunks(num, mesh, num_chunks, "the batch size")
+    # One device: the plain solve (bit-identical to no mesh at all).
+    mesh = None if mesh is None or mesh_size(mesh) == 1 else mesh
     log_prob, stats = timed(
         _log_likelihood_core,
         model,
@@ -206,6 +237,8 @@ def log_likelihood(
         solver,
         settings,
         per_example,
+        num_chunks,
+        mesh,
         num=num,
         solver=solver,
         settings=settings,
@@ -233,6 +266,7 @@ def variational_bound(
     key: Key,
     num_samples: int = 64,
     dequantization: Dequantization | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[Estimate, SolveStats]:
     """The variational upper bound on -log p(x) of the stochastic model (DESIGN §2.3), in nats.
 
@@ -241,6 +275,9 @@ def variational_bound(
     stratification makes conservative. `stats.nfe` counts evaluations of the per-example loss
     (each one predictor call and two forward-process calls). Needs g > 0: a deterministic model
     has no bound (use `log_likelihood`).
+
+    `mesh`: shard the batch over the devices of a `data_mesh()` (the batch size must divide by
+    their number); there is no solve, so this is plain data parallelism with the same values.
     """
     _check_data(model, x)
     if model.is_deterministic:
@@ -258,6 +295,9 @@ def variational_bound(
         offset = dequantization.offset(model.data_shape)
     elif not jnp.issubdtype(x.dtype, jnp.inexact):
         x = x.astype(jnp.result_type(float))
+    if mesh is not None:
+        check_divisible(x.shape[0], mesh, "the batch size")
+        x = jax.device_put(x, NamedSharding(mesh, P(DATA_AXIS)))
     start = time.perf_counter()
     samples = jax.block_until_ready(_bound_core(model, x, key, num_samples))
     seconds = time.perf_counter() - start

@@ -9,6 +9,7 @@ from jaxtyping import Array, Float
 
 from ._custom_types import Key
 from ._model import NFDM
+from ._sharding import map_chunks, mesh_size, resolve_chunks
 from ._solve import SolveReport, SolveStats, Stepping, report, stepping, timed
 from ._terms import generative_ode_term, generative_sde_terms
 
@@ -61,13 +62,9 @@ def _generative_solve(
     return sol.ys, report(sol, solver, sde=sde)
 
 
-@eqx.filter_jit
-def _sample_core(model, key, num, solver, settings, sde, brownian_tol, saveat, per_example):
-    noise_key, brownian_key = jr.split(key)
-    dtype = jnp.result_type(float)
-    z1 = jr.normal(noise_key, (num, *model.data_shape), dtype)
+def _solve_batch(model, brownian_key, z1, solver, settings, sde, brownian_tol, saveat, per_example):
     if per_example:
-        keys = jr.split(brownian_key, num)
+        keys = jr.split(brownian_key, z1.shape[0])
 
         def one(z, k):
             ys, rep = _generative_solve(
@@ -78,6 +75,43 @@ def _sample_core(model, key, num, solver, settings, sde, brownian_tol, saveat, p
         ys, rep = jax.vmap(one)(z1, keys)
         return jnp.moveaxis(ys, 0, 1), rep
     return _generative_solve(model, brownian_key, z1, solver, settings, sde, brownian_tol, saveat)
+
+
+@eqx.filter_jit
+def _sample_core(
+    model,
+    key,
+    num,
+    solver,
+    settings,
+    sde,
+    brownian_tol,
+    saveat,
+    per_example,
+    num_chunks=1,
+    mesh=None,
+):
+    noise_key, brownian_key = jr.split(key)
+    dtype = jnp.result_type(float)
+    z1 = jr.normal(noise_key, (num, *model.data_shape), dtype)
+    if num_chunks == 1 and mesh is None:
+        return _solve_batch(
+            model, brownian_key, z1, solver, settings, sde, brownian_tol, saveat, per_example
+        )
+
+    def chunk(z, shared, index):
+        model, brownian_key, solver, settings, saveat = shared
+        # Chunk i's Brownian motion comes from fold_in(key, i), wherever the chunk runs.
+        chunk_key = jr.fold_in(brownian_key, index)
+        return _solve_batch(
+            model, chunk_key, z, solver, settings, sde, brownian_tol, saveat, per_example
+        )
+
+    shared = (model, brownian_key, solver, settings, saveat)
+    ys, rep = map_chunks(chunk, z1, shared, num_chunks=num_chunks, mesh=mesh)
+    # (chunks, times, rows per chunk, ...) -> (times, num, ...)
+    ys = jnp.moveaxis(ys, 0, 1)
+    return ys.reshape(ys.shape[0], num, *ys.shape[3:]), rep
 
 
 def _settings(solver, steps, rtol, atol, max_steps, sde, num):
@@ -99,6 +133,8 @@ def sample(
     max_steps: int = 4096,
     brownian_tol: float = 1e-3,
     per_example: bool = PER_EXAMPLE_DEFAULT,
+    mesh: jax.sharding.Mesh | None = None,
+    num_chunks: int | None = None,
 ) -> tuple[Float[Array, " num *shape"], SolveStats]:
     """Draw `num` samples by solving the generative dynamics from z_1 ~ N(0, I) to t = 0.
 
@@ -118,11 +154,21 @@ def sample(
       grid draws one increment per step instead).
     - `per_example`: solve each sample on its own (vmapped) instead of one solve whose adaptive
       step size serves the whole batch.
+    - `mesh`: a `data_mesh()` to spread the samples over its devices; each device solves its
+      own rows (no cross-device communication inside a solve).
+    - `num_chunks`: split the samples into this many independent solves (default: one per
+      device of `mesh`, else 1). With a mesh it must be a multiple of the device count; the
+      results depend on the chunking but not on the devices (a one-device run with the same
+      `num_chunks` gives the same samples). Chunk i's Brownian motion is drawn from
+      `fold_in(key, i)`; the initial noise is the same for every chunking.
 
     **Returns:** `(samples, stats)`; samples are z_0, the model's t = 0 marginal (data + delta
     noise, the mean of the decoder N(x; z_0, delta^2 I)), in the model's units.
     """
     settings = _settings(solver, steps, rtol, atol, max_steps, sde, num)
+    num_chunks = resolve_chunks(num, mesh, num_chunks, "`num`")
+    # One device: the plain solve (bit-identical to no mesh at all).
+    mesh = None if mesh is None or mesh_size(mesh) == 1 else mesh
     saveat = dfx.SaveAt(t1=True)
     ys, stats = timed(
         _sample_core,
@@ -135,6 +181,8 @@ def sample(
         brownian_tol,
         saveat,
         per_example,
+        num_chunks,
+        mesh,
         num=num,
         solver=solver,
         settings=settings,

@@ -247,7 +247,11 @@ def timed(
             f"The {name} solve failed (non-finite values or a step size underflow); the model "
             f"or the tolerances are likely unsuitable."
         )
-    nfe = np.broadcast_to(np.asarray(rep.nfe), (num,) if per_example else ())
+    nfe = np.asarray(rep.nfe)
+    if per_example:
+        nfe = np.broadcast_to(nfe.reshape(-1), (num,))
+    elif nfe.ndim == 1:  # one count per independent chunk of equal size
+        nfe = np.repeat(nfe, num // nfe.size)
     return out, SolveStats(
         num=num,
         nfe=float(np.mean(nfe)),

@@ -9,6 +9,11 @@ A run directory holds
 Exact resume: the randomness of step s is `fold_in(key, s)` and batch s is a pure function of
 (data, seed, s) (a grain `MapDataset`), so a run resumed from a checkpoint at step s computes
 bit-identical parameters to a run that never stopped.
+
+Data parallelism (see `_sharding`): the batch of every step is sharded over all devices of all
+processes and the state is replicated; each process reads only its rows of each batch, and only
+process 0 writes the run directory. The global batch is the same as on one device, so is the
+loss trajectory (to float rounding of the cross-device sums).
 """
 
 import dataclasses
@@ -31,6 +36,7 @@ from jaxtyping import Array, Float, UInt
 
 from ._checkpoint import (
     atomic_write_bytes,
+    checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
     read_header,
@@ -55,6 +61,15 @@ from ._data import (
 )
 from ._loss import LossBreakdown, loss
 from ._model import NFDM
+from ._sharding import (
+    barrier,
+    data_mesh,
+    is_main_process,
+    mesh_size,
+    process_rows,
+    replicate,
+    shard_batch,
+)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -313,6 +328,8 @@ class TrainResult:
     seconds: float
     resumed_from: int
     checkpoint: str | None
+    devices: int = 1
+    processes: int = 1
 
 
 class _Progress:
@@ -371,6 +388,7 @@ def train(
     stop_at: int | None = None,
     progress: TextIO | None = None,
     log: Callable[[str], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> TrainResult:
     """Train the model described by `config`, writing checkpoints and metrics to `run_dir`.
 
@@ -379,18 +397,25 @@ def train(
     - `stop_at`: stop (after saving) at this step, before `config.steps`; the schedule still
       targets `config.steps`, so a later `resume` is exactly a run that never stopped.
     - `progress`: a stream for the progress bar (e.g. `sys.stderr`); `log`: for messages.
+    - `mesh`: the devices to shard each batch over (default `data_mesh()`: every device of every
+      process); `config.batch_size` must divide by their number. In a multi-process run every
+      process calls `train` with the same arguments; only process 0 writes to `run_dir`.
 
     Raises `TrainingDiverged` (a `ValueError`) if the loss becomes non-finite; the last good
     checkpoint is kept and no non-finite state is saved.
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"`config` must be a TrainConfig; got {type(config).__name__}.")
-    log = log or (lambda message: None)
+    mesh = data_mesh() if mesh is None else mesh
+    main = is_main_process()
+    log = log if (log is not None and main) else (lambda message: None)
+    progress = progress if main else None
     run_dir = os.fspath(run_dir)
     if is_file_reference(config.data):
         config = dataclasses.replace(config, data=os.path.abspath(config.data))
     _check_run_directory(run_dir, config, resume)
     check_model_config(config.model)
+    rows = process_rows(config.batch_size, mesh)
     end = config.steps if stop_at is None else min(stop_at, config.steps)
 
     # Validate the data before creating anything on disk.
@@ -415,7 +440,8 @@ def train(
         step = int(header["step"])
         final_loss = float(header.get("loss", math.nan))
         iterator_state = header["data_iterator"]
-        _truncate_metrics(metrics_path, step)
+        if main:
+            _truncate_metrics(metrics_path, step)
         log(f"resuming {run_dir} from step {step}")
     else:
         transform = fit_transform(config.data, data)
@@ -423,21 +449,25 @@ def train(
         step = 0
         final_loss = math.nan
         iterator_state = None
-        if resume:  # a run killed before its first checkpoint: forget its metrics
+        if resume and main:  # a run killed before its first checkpoint: forget its metrics
             _truncate_metrics(metrics_path, 0)
     log(
         f"training {config.model.forward.value} / {config.model.volatility.value} on "
         f"{config.data} ({data.shape[0]} examples of dimension {data.shape[1]}) to step {end} "
         f"-> {run_dir}"
     )
-    os.makedirs(run_dir, exist_ok=True)
-    atomic_write_bytes(
-        os.path.join(run_dir, CONFIG_FILE), json.dumps(config.to_dict(), indent=2).encode()
-    )
+    # Every process has checked the run directory (and read a checkpoint) before any writes.
+    barrier("nfdm_de.train.checked")
+    if main:
+        os.makedirs(run_dir, exist_ok=True)
+        atomic_write_bytes(
+            os.path.join(run_dir, CONFIG_FILE), json.dumps(config.to_dict(), indent=2).encode()
+        )
+    state = replicate(state, mesh)
 
     optimizer = make_optimizer(config.optim)
     schedule = learning_rate_schedule(config.optim, config.steps)
-    batches = batch_dataset(data, batch_size=config.batch_size, seed=config.seed)
+    batches = batch_dataset(data, batch_size=config.batch_size, seed=config.seed, rows=rows)
     iterator = iter(batches.to_iter_dataset())
     if iterator_state is not None:
         iterator.set_state(iterator_state)
@@ -466,9 +496,10 @@ def train(
     interval_steps = 0
     try:
         while step < end:
-            batch = jnp.asarray(next(iterator), dtype)
-            lr = jnp.asarray(schedule(step), dtype)
-            state, breakdown, grad_norm = step_fn(state, batch, jnp.asarray(step), lr, optimizer)
+            batch = shard_batch(np.asarray(next(iterator), dtype), mesh)
+            # Host scalars: replicated constants of the step on every device and process.
+            lr = np.asarray(schedule(step), dtype)
+            state, breakdown, grad_norm = step_fn(state, batch, np.asarray(step), lr, optimizer)
             step += 1
             interval_steps += 1
             pending.append((step, breakdown, grad_norm))
@@ -503,8 +534,9 @@ def train(
                 "steps_per_sec": rate,
                 "seconds": now - started,
             }
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             pending.clear()
             interval_start, interval_steps = now, 0
             bar.update(step, final_loss, rate, force=step == end)
@@ -514,9 +546,12 @@ def train(
                         f"training stopped: the parameters became non-finite by step {step}; "
                         f"the last good checkpoint is {latest_checkpoint(checkpoint_dir)}."
                     )
-                checkpoint = save_checkpoint(
-                    checkpoint_dir, step, state, header_for(step, final_loss), keep=config.keep
-                )
+                if main:
+                    checkpoint = save_checkpoint(
+                        checkpoint_dir, step, state, header_for(step, final_loss), keep=config.keep
+                    )
+                else:
+                    checkpoint = checkpoint_path(checkpoint_dir, step)  # written by process 0
     finally:
         bar.close()
     return TrainResult(
@@ -526,6 +561,8 @@ def train(
         seconds=time.perf_counter() - started,
         resumed_from=start_step,
         checkpoint=checkpoint,
+        devices=mesh_size(mesh),
+        processes=jax.process_count(),
     )
 
 
