@@ -64,6 +64,8 @@ class ModelConfig:
     - `width`, `depth`: hidden width and number of hidden layers of the MLPs.
     - `delta`: noise scale at t = 0 (the boundary condition F(eps, 0, x) = x + delta eps).
     - `volatility_value`: g for `constant`, the initial g for `learned`.
+    - `time_power`: importance sampling of t in the objective, t = u^time_power with weights
+      1/p(t) (1 = uniform; > 1 concentrates on small t, where the bound's integrand is largest).
     """
 
     forward: ForwardChoice = ForwardChoice.NEURAL_GAUSSIAN
@@ -73,6 +75,7 @@ class ModelConfig:
     depth: int = 3
     delta: float = 0.01
     volatility_value: float = 1.0
+    time_power: float = 1.0
 
     def __post_init__(self):
         _check_enum("forward", self.forward, ForwardChoice)
@@ -85,6 +88,10 @@ class ModelConfig:
             raise ValueError(f"`delta` must be a number in (0, 1); got {self.delta!r}.")
         if not (_is_real(self.volatility_value) and self.volatility_value > 0):
             raise ValueError(f"`volatility_value` must be > 0; got {self.volatility_value!r}.")
+        if not (_is_real(self.time_power) and math.isfinite(self.time_power)):
+            raise ValueError(f"`time_power` must be a finite number >= 1; got {self.time_power!r}.")
+        if self.time_power < 1:
+            raise ValueError(f"`time_power` must be a finite number >= 1; got {self.time_power!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
