@@ -46,7 +46,7 @@ class Budget:
     batch: int
     width: int
     depth: int
-    lr: float = 1e-3
+    lr: float | None = None  # None: the library default (OptimConfig.lr)
     seed: int = 0
 
 
@@ -69,8 +69,8 @@ def train_nfdm(name: str, settings: dict, budget: Budget, extra: dict | None = N
         "batch_size": budget.batch,
         "width": budget.width,
         "depth": budget.depth,
-        "lr": budget.lr,
         "seed": budget.seed,
+        **({} if budget.lr is None else {"lr": budget.lr}),
         "save_every": budget.steps,
         "log_every": max(budget.steps // 10, 1),
         "warmup": min(200, budget.steps // 10),

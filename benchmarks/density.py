@@ -38,7 +38,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--depth", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--lr", type=float, default=None, help="peak lr (default: the library default)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-test", type=int, default=1000)
     parser.add_argument("--sets", default=",".join(DEFAULT_SETS[:5] + ("gmm-10d",)))
@@ -75,7 +77,7 @@ def main(argv=None):
 
     print(
         f"\nBudget: {budget.steps} steps, batch {budget.batch}, width {budget.width}, depth "
-        f"{budget.depth}, lr {budget.lr} (cosine), seed {budget.seed}; {args.num_test} held-out "
+        f"{budget.depth}, lr {budget.lr or nd.OptimConfig().lr} (cosine), seed {budget.seed}; {args.num_test} held-out "
         "points per set. Gap = model NLL - true NLL (nats), mean ± s.e.\n"
     )
     print("| set | method | bound gap | ODE NLL gap | train s | eval s |")
