@@ -77,7 +77,8 @@ def main(argv=None):
 
     print(
         f"\nBudget: {budget.steps} steps, batch {budget.batch}, width {budget.width}, depth "
-        f"{budget.depth}, lr {budget.lr or nd.OptimConfig().lr} (cosine), seed {budget.seed}; {args.num_test} held-out "
+        f"{budget.depth}, peak lr {budget.lr or nd.OptimConfig().lr} (cosine), seed "
+        f"{budget.seed}; {args.num_test} held-out "
         "points per set. Gap = model NLL - true NLL (nats), mean ± s.e.\n"
     )
     print("| set | method | bound gap | ODE NLL gap | train s | eval s |")

@@ -269,7 +269,8 @@ def main(argv=None):
     )
     print(
         f"\nBudget: {what}, batch {budget.batch}, width {budget.width} (nfdm-de MLP depth "
-        f"{budget.depth}; MAF: 8 layers of 2-hidden-layer MADE), peak lr {budget.lr or nd.OptimConfig().lr} (MAF: {maf_lr(budget)}), seed "
+        f"{budget.depth}; MAF: 8 layers of 2-hidden-layer MADE), peak lr "
+        f"{budget.lr or nd.OptimConfig().lr} (MAF: {maf_lr(budget)}), seed "
         f"{budget.seed}; {args.num_test} held-out points per set. Gap = model NLL - true NLL "
         "(nats), mean ± s.e.\n"
     )
