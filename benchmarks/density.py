@@ -27,6 +27,8 @@ from _density_common import (
     true_nll,
 )
 
+import nfdm_de as nd
+
 DENSITY_METHODS = ("nfdm", "vp", "learned-schedule", "linear")
 
 
