@@ -74,6 +74,7 @@ from ._loss import (
     LossBreakdown as LossBreakdown,
     curvature as curvature,
     example_loss as example_loss,
+    importance_times as importance_times,
     loss as loss,
     prior_kl as prior_kl,
     stratified_times as stratified_times,

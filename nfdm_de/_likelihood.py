@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Shaped
 
 from ._custom_types import Key
-from ._loss import example_loss, stratified_times
+from ._loss import example_loss, importance_times
 from ._model import NFDM
 from ._sample import PER_EXAMPLE_DEFAULT
 from ._sharding import DATA_AXIS, check_divisible, map_chunks, mesh_size, resolve_chunks
@@ -249,12 +249,14 @@ def log_likelihood(
 
 
 @eqx.filter_jit
-def _bound_core(model, x, key, num_samples):
+def _bound_core(model, x, key, num_samples, time_power):
     def one(x_i, key_i):
         t_key, eps_key = jr.split(key_i)
-        t = stratified_times(t_key, num_samples, x_i.dtype)
+        t, w = importance_times(t_key, num_samples, time_power, x_i.dtype)
         eps = jr.normal(eps_key, (num_samples, *x_i.shape), x_i.dtype)
-        return jax.vmap(lambda t_j, eps_j: example_loss(model, x_i, t_j, eps_j).total)(t, eps)
+        return jax.vmap(
+            lambda t_j, eps_j, w_j: example_loss(model, x_i, t_j, eps_j, time_weight=w_j).total
+        )(t, eps, w)
 
     return jax.vmap(one)(x, jr.split(key, x.shape[0]))
 
@@ -267,8 +269,12 @@ def variational_bound(
     num_samples: int = 64,
     dequantization: Dequantization | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    time_power: float = 1.0,
 ) -> tuple[Estimate, SolveStats]:
     """The variational upper bound on -log p(x) of the stochastic model (DESIGN §2.3), in nats.
+
+    `time_power` > 1 importance-samples t = u^time_power (see `importance_times`): the same
+    bound, usually with a smaller standard error.
 
     Monte Carlo over `num_samples` pairs (t, eps) per example, t stratified over [0, 1]; the
     standard error is the sample standard deviation over the pairs / sqrt(num_samples), which
@@ -299,7 +305,7 @@ def variational_bound(
         check_divisible(x.shape[0], mesh, "the batch size")
         x = jax.device_put(x, NamedSharding(mesh, P(DATA_AXIS)))
     start = time.perf_counter()
-    samples = jax.block_until_ready(_bound_core(model, x, key, num_samples))
+    samples = jax.block_until_ready(_bound_core(model, x, key, num_samples, float(time_power)))
     seconds = time.perf_counter() - start
     estimate = _estimate(samples, True)
     stats = SolveStats(

@@ -1,5 +1,7 @@
 """The simulation-free NFDM objective (DESIGN §2.3, §2.4), written term by term."""
 
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -45,8 +47,13 @@ def example_loss(
     eps: Data,
     *,
     curvature_weight: float = 0.0,
+    time_weight: Scalar | float = 1.0,
 ) -> LossBreakdown:
     """The objective for one data point `x` at time `t` with forward noise `eps`.
+
+    `time_weight` = 1/p(t) when `t` was drawn from a proposal p instead of U[0, 1] (importance
+    sampling of t, see `importance_times`); it multiplies the two time-integral terms (diffusion
+    and curvature), so their expectation over t ~ p is the uniform-t integral.
 
     z = F(eps, t, x) and x_hat = x_hat(z, t); then
 
@@ -79,6 +86,8 @@ def example_loss(
         curvature_term = curvature(model, z, t, velocity_hat)
     else:
         curvature_term = jnp.zeros((), x.dtype)
+    diffusion = time_weight * diffusion
+    curvature_term = time_weight * curvature_term
     total = diffusion + prior + reconstruction + curvature_weight * curvature_term
     return LossBreakdown(total, diffusion, prior, reconstruction, curvature_term)
 
@@ -101,14 +110,35 @@ def stratified_times(key: Key, batch_size: int, dtype=float) -> Float[Array, " b
     return (jnp.arange(batch_size, dtype=dtype) + u) / batch_size
 
 
+def importance_times(
+    key: Key, batch_size: int, power: float = 1.0, dtype=float
+) -> tuple[Float[Array, " batch"], Float[Array, " batch"]]:
+    """Stratified u in [0, 1], times t = u^power and weights 1/p(t) = power * u^(power - 1).
+
+    With `power` > 1 the times concentrate near t = 0, where the diffusion term of the bound is
+    largest (its 1/(2 g^2) weighting and the sharp conditional fields at small t make it tens to
+    hundreds of times its value at t > 0.2 on the toy sets); the weights keep the estimator of
+    the time integral unbiased, and bring the integrand's range down, cutting its variance.
+    `power` = 1 is plain stratified sampling with unit weights.
+    """
+    if not (isinstance(power, int | float) and math.isfinite(power) and power >= 1):
+        raise ValueError(f"`power` must be a finite number >= 1; got {power!r}.")
+    u = stratified_times(key, batch_size, dtype)
+    if power == 1:
+        return u, jnp.ones_like(u)
+    return u**power, power * u ** (power - 1)
+
+
 def loss(
     model: NFDM,
     key: Key,
     x: Float[Array, " batch *shape"],
     *,
     curvature_weight: float = 0.0,
+    time_power: float = 1.0,
 ) -> tuple[Scalar, LossBreakdown]:
-    """The batch objective: mean of `example_loss` over the batch, with stratified times.
+    """The batch objective: mean of `example_loss` over the batch, with stratified times,
+    importance-sampled as t = u^time_power (see `importance_times`; 1 = uniform).
 
     Returns the scalar to minimise and the batch-mean `LossBreakdown`.
     """
@@ -118,12 +148,12 @@ def loss(
             f"{model.data_shape}."
         )
     t_key, eps_key = jr.split(key)
-    t = stratified_times(t_key, x.shape[0], x.dtype)
+    t, weight = importance_times(t_key, x.shape[0], time_power, x.dtype)
     eps = jr.normal(eps_key, x.shape, x.dtype)
     per_example = jax.vmap(
-        lambda x_i, t_i, eps_i: example_loss(
-            model, x_i, t_i, eps_i, curvature_weight=curvature_weight
+        lambda x_i, t_i, eps_i, w_i: example_loss(
+            model, x_i, t_i, eps_i, curvature_weight=curvature_weight, time_weight=w_i
         )
-    )(x, t, eps)
+    )(x, t, eps, weight)
     mean = jax.tree.map(jnp.mean, per_example)
     return mean.total, mean

@@ -165,6 +165,7 @@ def train_step(
     curvature_weight: float,
     ema_decay: float,
     num_levels: int | None,
+    time_power: float = 1.0,
 ) -> tuple[TrainState, LossBreakdown, Array]:
     """One optimiser step on `batch` (in the data's units) at integer `step`, learning rate `lr`.
 
@@ -180,7 +181,13 @@ def train_step(
     params, static = eqx.partition(state.model, eqx.is_inexact_array)
 
     def objective(params):
-        return loss(eqx.combine(params, static), loss_key, x, curvature_weight=curvature_weight)
+        return loss(
+            eqx.combine(params, static),
+            loss_key,
+            x,
+            curvature_weight=curvature_weight,
+            time_power=time_power,
+        )
 
     (_, breakdown), grads = jax.value_and_grad(objective, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
@@ -476,6 +483,7 @@ def train(
         curvature_weight=float(config.model.curvature),
         ema_decay=float(config.optim.ema_decay),
         num_levels=num_levels,
+        time_power=float(config.model.time_power),
     )
 
     def header_for(step: int, loss_value: float) -> dict[str, Any]:

@@ -1,0 +1,139 @@
+"""Shared pieces of the density benchmarks (`density.py`, `peers.py`): train an nfdm-de
+configuration through the library's own train loop, and measure held-out NLL gaps to the truth.
+
+All NLLs are in nats per example in the data's own units; the *gap* is model NLL minus the true
+NLL of the same held-out points (the KL divergence from the truth plus Monte Carlo noise), so
+0 is perfect and smaller is better.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+import nfdm_de as nd
+
+# Known-density toy sets used by default (sharp edges, thin curves, multimodal, dimension 10).
+DEFAULT_SETS = ("checkerboard", "spirals", "two-moons", "rings", "eight-gaussians", "gmm-10d")
+
+# name -> (flat settings for nd.update_config, which NLLs to report)
+NFDM_METHODS: dict[str, tuple[dict, tuple[str, ...]]] = {
+    "nfdm": ({"forward": "neural-gaussian", "volatility": "learned"}, ("bound", "ode")),
+    "nfdm-ot": (
+        {"forward": "neural-gaussian", "volatility": "zero", "curvature": 1.0},
+        ("ode",),
+    ),
+    "vp": ({"forward": "vp", "volatility": "learned"}, ("bound", "ode")),
+    "learned-schedule": (
+        {"forward": "learned-schedule", "volatility": "learned"},
+        ("bound", "ode"),
+    ),
+    "linear": ({"forward": "linear", "volatility": "learned"}, ("bound", "ode")),
+    "flow-matching": ({"forward": "linear", "volatility": "zero"}, ("ode",)),
+}
+
+
+@dataclasses.dataclass
+class Budget:
+    steps: int
+    batch: int
+    width: int
+    depth: int
+    lr: float | None = None  # None: the library default (OptimConfig.lr)
+    seed: int = 0
+
+
+def true_nll(name: str, x: np.ndarray) -> np.ndarray:
+    """-log p_true(x) per example (data units)."""
+    dataset = nd.get_dataset(name)
+    log_prob = jax.jit(jax.vmap(dataset.log_prob))(jnp.asarray(x, jnp.result_type(float)))
+    return -np.asarray(log_prob, np.float64)
+
+
+def test_points(name: str, num: int) -> np.ndarray:
+    return nd.load_dataset(name, split="test", num=num)
+
+
+def train_nfdm(name: str, settings: dict, budget: Budget, extra: dict | None = None):
+    """Train with `nd.train` in a temporary run directory; returns (LoadedRun, seconds)."""
+    flat = {
+        "data": name,
+        "steps": budget.steps,
+        "batch_size": budget.batch,
+        "width": budget.width,
+        "depth": budget.depth,
+        "seed": budget.seed,
+        **({} if budget.lr is None else {"lr": budget.lr}),
+        "save_every": budget.steps,
+        "log_every": max(budget.steps // 10, 1),
+        "warmup": min(200, budget.steps // 10),
+        **settings,
+        **(extra or {}),
+    }
+    config = nd.update_config(nd.TrainConfig(), flat)
+    with tempfile.TemporaryDirectory() as run_dir:
+        result = nd.train(config, run_dir)
+        run = nd.load_run(run_dir)
+    return run, result.seconds
+
+
+def steady_rate(name: str, settings: dict, budget: Budget, probe_steps: int = 200) -> float:
+    """Steady-state training steps/s of a configuration (a short probe run; compile excluded)."""
+    flat = {
+        "data": name,
+        "steps": probe_steps,
+        "batch_size": budget.batch,
+        "width": budget.width,
+        "depth": budget.depth,
+        "seed": budget.seed,
+        "num_train": 10_000,
+        "log_every": probe_steps // 2,
+        **settings,
+    }
+    config = nd.update_config(nd.TrainConfig(), flat)
+    with tempfile.TemporaryDirectory() as run_dir:
+        nd.train(config, run_dir)
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    return float(records[-1]["steps_per_sec"])
+
+
+def nfdm_nll(run, x: np.ndarray, which, *, seed: int = 0, rtol: float = 1e-5):
+    """{"bound": per-example NLL, "ode": per-example NLL, "<m>_seconds": seconds} (data units)."""
+    out = {}
+    log_jacobian = float(run.transform.log_det())
+    z = run.transform.to_model(jnp.asarray(x, jnp.result_type(float)))
+    key = jr.key(seed)
+    if "ode" in which:
+        start = time.perf_counter()
+        estimate, _ = nd.log_likelihood(run.model, z, trace=nd.ExactTrace(), rtol=rtol, atol=rtol)
+        out["ode"] = -(np.asarray(estimate.value, np.float64) + log_jacobian)
+        out["ode_seconds"] = time.perf_counter() - start
+    if "bound" in which and not run.model.is_deterministic:
+        start = time.perf_counter()
+        estimate, _ = nd.variational_bound(run.model, z, key=key, num_samples=64)
+        out["bound"] = np.asarray(estimate.value, np.float64) - log_jacobian
+        out["bound_seconds"] = time.perf_counter() - start
+    return out
+
+
+def gap(nll: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Mean gap and its standard error (paired over the same held-out points)."""
+    d = np.asarray(nll) - np.asarray(truth)
+    d = d[np.isfinite(d)] if np.isfinite(d).any() else d
+    return float(np.mean(d)), float(np.std(d, ddof=1) / math.sqrt(len(d)))
+
+
+def fmt(value: float | None, stderr: float | None = None) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    if stderr is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} ± {stderr:.3f}"
