@@ -77,7 +77,8 @@ def train(
     forward: Annotated[
         str | None,
         typer.Option(
-            help="Forward process: neural-gaussian (default), linear, vp, learned-schedule."
+            help="Forward process: neural-gaussian (default), linear, vp, learned-schedule, "
+            "neural-flow."
         ),
     ] = None,
     volatility: Annotated[

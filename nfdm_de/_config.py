@@ -14,6 +14,7 @@ from typing import Any
 import jax.random as jr
 
 from ._custom_types import Key
+from ._flow import neural_flow
 from ._forward import (
     AbstractForwardProcess,
     LearnedSchedule,
@@ -38,6 +39,7 @@ class ForwardChoice(enum.Enum):
     LINEAR = "linear"
     VP = "vp"
     LEARNED_SCHEDULE = "learned-schedule"
+    NEURAL_FLOW = "neural-flow"
 
 
 class VolatilityChoice(enum.Enum):
@@ -187,6 +189,7 @@ _FORWARD_BUILDERS = {
     ForwardChoice.LINEAR: lambda c, d, k: LinearInterpolant(delta=c.delta),
     ForwardChoice.VP: lambda c, d, k: VariancePreserving(delta=c.delta),
     ForwardChoice.LEARNED_SCHEDULE: lambda c, d, k: LearnedSchedule(delta=c.delta, key=k),
+    ForwardChoice.NEURAL_FLOW: lambda c, d, k: neural_flow(d, delta=c.delta, key=k),
 }
 
 _VOLATILITY_BUILDERS: dict[VolatilityChoice, Callable[[ModelConfig, Key], AbstractVolatility]]
