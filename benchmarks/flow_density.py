@@ -92,8 +92,7 @@ def main():
             nd.train(config, run_dir)
             result[forward] = _evaluate(run_dir, name, x, args)
             print(
-                f"{name} {forward.value}: {result[forward]} "
-                f"({time.perf_counter() - t0:.0f} s)",
+                f"{name} {forward.value}: {result[forward]} ({time.perf_counter() - t0:.0f} s)",
                 file=sys.stderr,
                 flush=True,
             )
