@@ -11,7 +11,7 @@ from ._bridge import (
     bridge_predictor as bridge_predictor,
     bridge_sample as bridge_sample,
     neural_bridge as neural_bridge,
-    reconstruction_nll as bridge_reconstruction_nll,
+    bridge_reconstruction_nll as bridge_reconstruction_nll,
 )
 from ._checkpoint import (
     latest_checkpoint as latest_checkpoint,

@@ -302,6 +302,6 @@ def bridge_sample(
     )
 
 
-def reconstruction_nll(model: BridgeModel) -> float:
+def bridge_reconstruction_nll(model: BridgeModel) -> float:
     """D/2 (log(2 pi delta^2) + 1), as for the unconditional model."""
     return 0.5 * math.prod(model.data_shape) * (math.log(2 * math.pi * model.delta**2) + 1.0)
