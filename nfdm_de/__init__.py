@@ -9,9 +9,9 @@ from ._bridge import (
     NeuralBridge as NeuralBridge,
     bridge_loss as bridge_loss,
     bridge_predictor as bridge_predictor,
+    bridge_reconstruction_nll as bridge_reconstruction_nll,
     bridge_sample as bridge_sample,
     neural_bridge as neural_bridge,
-    bridge_reconstruction_nll as bridge_reconstruction_nll,
 )
 from ._checkpoint import (
     latest_checkpoint as latest_checkpoint,
