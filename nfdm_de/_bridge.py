@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float
 
+from ._config import ForwardChoice, ModelConfig, VolatilityChoice, check_model_config
 from ._custom_types import Data, Key, Scalar, Time
 from ._forward import AbstractGaussianForwardProcess, _check_delta
 from ._loss import LossBreakdown, example_loss, stratified_times
@@ -66,7 +67,12 @@ from ._model import NFDM
 from ._nn import TimeConditionedMLP
 from ._sample import _generative_solve
 from ._solve import SolveStats, stepping, timed
-from ._volatility import AbstractVolatility
+from ._volatility import (
+    AbstractVolatility,
+    ConstantVolatility,
+    LearnedVolatility,
+    ZeroVolatility,
+)
 
 
 class NeuralBridge(eqx.Module):
@@ -305,3 +311,43 @@ def bridge_sample(
 def bridge_reconstruction_nll(model: BridgeModel) -> float:
     """D/2 (log(2 pi delta^2) + 1), as for the unconditional model."""
     return 0.5 * math.prod(model.data_shape) * (math.log(2 * math.pi * model.delta**2) + 1.0)
+
+
+# `--forward` for a bridge: the learned bridge family or the fixed one (NN = 0).
+_BRIDGE_FORWARDS = {ForwardChoice.NEURAL_GAUSSIAN: True, ForwardChoice.LINEAR: False}
+
+
+def build_bridge_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> BridgeModel:
+    """The `BridgeModel` described by `config` (forward `neural-gaussian`: the learned bridge;
+    `linear`: the fixed bridge) for vectors of shape `data_shape`."""
+    data_shape = tuple(int(n) for n in data_shape)
+    if len(data_shape) != 1 or data_shape[0] < 1:
+        raise ValueError(f"bridges support vector data of shape (D,); got {data_shape}.")
+    if config.forward not in _BRIDGE_FORWARDS:
+        raise ValueError(
+            f"a bridge (--source) uses the bridge family: forward 'neural-gaussian' (learned) or "
+            f"'linear' (fixed); got '{config.forward.value}'."
+        )
+    learnable = _BRIDGE_FORWARDS[config.forward]
+    check_model_config(config, forward_is_learnable=learnable)
+    size = data_shape[0]
+    forward_key, predictor_key, volatility_key = jr.split(key, 3)
+    forward = neural_bridge(
+        size,
+        width=config.width,
+        depth=config.depth,
+        learnable=learnable,
+        delta=config.delta,
+        key=forward_key,
+    )
+    predictor = bridge_predictor(
+        size, width=config.width, depth=config.depth, delta=config.delta, key=predictor_key
+    )
+    volatility = {
+        VolatilityChoice.LEARNED: lambda: LearnedVolatility(
+            initial=config.volatility_value, key=volatility_key
+        ),
+        VolatilityChoice.CONSTANT: lambda: ConstantVolatility(config.volatility_value),
+        VolatilityChoice.ZERO: lambda: ZeroVolatility(),
+    }[config.volatility]()
+    return BridgeModel(forward, predictor, volatility, data_shape=data_shape)

@@ -139,10 +139,16 @@ class TrainConfig:
     save_every: int = 1000
     keep: int = 3
     log_every: int = 100
+    # A bridge (nfdm_de/_bridge.py) from this source distribution to `data`; None: an NFDM.
+    source: str | None = None
 
     def __post_init__(self):
         if not (isinstance(self.data, str) and self.data):
             raise ValueError(f"`data` must be a dataset name or a file path; got {self.data!r}.")
+        if self.source is not None and not (isinstance(self.source, str) and self.source):
+            raise ValueError(
+                f"`source` must be a dataset name or a file path (or None); got {self.source!r}."
+            )
         _check_positive_int("steps", self.steps)
         _check_positive_int("batch_size", self.batch_size)
         _check_positive_int("num_train", self.num_train)

@@ -2,6 +2,9 @@
 posterior-mean predictor, the loss, the CLI (train --source, sample --source, bad input) and the
 example in smoke mode."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import diffrax as dfx
@@ -14,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 import nfdm_de as nd
+from cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -107,3 +111,61 @@ def test_bridge_loss_zero_diffusion_for_true_target_and_trains(getkey):
     assert float(jnp.abs(grads.predictor.network.output.weight).max()) > 0
     with pytest.raises(ValueError, match="one shape"):
         nd.bridge_loss(model, getkey(), x, c[:, :1])
+
+
+TINY = ["--steps", "10", "--batch-size", "32", "--width", "8", "--depth", "1"]
+
+
+def _fails_cleanly(args, match):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_train_sample_and_bad_input(tmp_path):
+    source_file = tmp_path / "source.npy"
+    np.save(source_file, nd.load_dataset("eight-gaussians", split="test", num=40))
+    np.save(tmp_path / "wide.npy", np.zeros((10, 3)))
+    run_dir = tmp_path / "bridge"
+    result = runner.invoke(
+        app,
+        ["train", "--data", "two-moons", "--source", str(source_file), *TINY,
+         "--run-dir", str(run_dir), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["source"] == str(source_file)
+    run = nd.load_run(str(run_dir))
+    assert isinstance(run.model, nd.BridgeModel) and run.source_transform is not None
+    # The stored source transform standardises the source's training data.
+    z = run.source_transform.to_model(jnp.asarray(np.load(source_file)))
+    np.testing.assert_allclose(np.mean(z, 0), 0, atol=1e-8)
+    out = tmp_path / "mapped.npy"
+    result = runner.invoke(
+        app,
+        ["sample", "--run-dir", str(run_dir), "--source", str(source_file), "--steps", "8",
+         "--out", str(out), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    mapped = np.load(out)
+    assert mapped.shape == (40, 2) and np.all(np.isfinite(mapped))
+
+    _fails_cleanly(
+        ["train", "--data", "two-moons", "--source", str(tmp_path / "wide.npy"), *TINY,
+         "--run-dir", str(tmp_path / "bad")],
+        "a bridge needs one dimension",
+    )  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+    _fails_cleanly(
+        ["train", "--data", "two-moons", "--source", str(tmp_path / "nope.npy"), *TINY,
+         "--run-dir", str(tmp_path / "bad")],
+        "does not exist",
+    )  # fmt: skip
+    base = ["sample", "--run-dir", str(run_dir), "--steps", "4", "--out", str(tmp_path / "x.npy")]
+    _fails_cleanly([*base, "--source", str(tmp_path / "wide.npy")], "3 dimensions")
+    _fails_cleanly([*base, "--source", str(tmp_path / "nope.npy")], "does not exist")
+    _fails_cleanly(base, "give --source")
+    assert not (tmp_path / "x.npy").exists()
