@@ -3,8 +3,6 @@ posterior-mean predictor, the loss, the CLI (train --source, sample --source, ba
 example in smoke mode."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import diffrax as dfx
