@@ -3,6 +3,9 @@ posterior-mean predictor, the loss, the CLI (train --source, sample --source, ba
 example in smoke mode."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import diffrax as dfx
@@ -167,3 +170,18 @@ def test_cli_train_sample_and_bad_input(tmp_path):
     _fails_cleanly([*base, "--source", str(tmp_path / "nope.npy")], "does not exist")
     _fails_cleanly(base, "give --source")
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_example_smoke(tmp_path):
+    out = tmp_path / "bridge.png"
+    completed = subprocess.run(
+        [sys.executable, "examples/bridge_2d.py", "--smoke", "--out", str(out),
+         "--run-dir", str(tmp_path / "run")],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert out.stat().st_size > 0 and "energy distance" in completed.stdout
