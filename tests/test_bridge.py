@@ -169,6 +169,7 @@ def test_cli_train_sample_and_bad_input(tmp_path):
     _fails_cleanly([*base, "--source", str(tmp_path / "wide.npy")], "3 dimensions")
     _fails_cleanly([*base, "--source", str(tmp_path / "nope.npy")], "does not exist")
     _fails_cleanly(base, "give --source")
+    _fails_cleanly(["nll", "--run-dir", str(run_dir), "--data", "two-moons"], "holds a bridge")
     assert not (tmp_path / "x.npy").exists()
 
 
