@@ -117,6 +117,11 @@ def nll(
             raise ValueError(f"--chunks {num_chunks} must be a multiple of the {devices} devices.")
         solver_object = solver_from_name(solver, sde=False)
         run = nd.load_run(os.fspath(run_dir))
+        if run.source_transform is not None:
+            raise ValueError(
+                f"{str(run_dir)!r} holds a bridge (from {run.config.source!r}); `nfdm-de nll` "
+                "scores unconditional NFDMs only."
+            )
         model = run.model
         default = Method.bound if not model.is_deterministic else Method.ode
         chosen = method or default

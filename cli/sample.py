@@ -64,6 +64,13 @@ def _plot(path, samples, reference, trajectories):
 def sample(
     run_dir: Annotated[Path, typer.Option(help="Run directory written by `nfdm-de train`.")],
     num: Annotated[int, typer.Option(help="Number of samples.")] = 1000,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            help="Bridge runs: .npy/.npz of source points (N, D) to map to the target (N ignores "
+            "--num)."
+        ),
+    ] = None,
     solver: Annotated[
         str | None,
         typer.Option(
@@ -108,6 +115,7 @@ def sample(
 ) -> None:
     """Sample a trained run with its EMA weights; write the samples (data units) as .npy."""
     try:
+        import jax.numpy as jnp
         import jax.random as jr
         import numpy as np
 
@@ -144,14 +152,39 @@ def sample(
             solver_object, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, sde=sde
         )
         key = jr.key(seed)
+        is_bridge = run.source_transform is not None
+        if source is not None and not is_bridge:
+            raise ValueError(
+                f"--source maps source points through a bridge, but {str(run_dir)!r} holds an "
+                "NFDM (train one with `nfdm-de train --data TARGET --source SOURCE`)."
+            )
+        if is_bridge and source is None:
+            raise ValueError(
+                f"{str(run_dir)!r} holds a bridge from {run.config.source!r}: give --source "
+                "FILE.npy with the source points to map."
+            )
+        if trajectories and is_bridge:
+            raise ValueError("--trajectories is not supported for bridges.")
+        if is_bridge:
+            source_points = nd.load_dataset(os.fspath(source))
+            if source_points.shape[1] != dim:
+                raise ValueError(
+                    f"--source points have {source_points.shape[1]} dimensions per example; the "
+                    f"bridge's data have {dim}."
+                )
+            num = source_points.shape[0]
+            c = run.source_transform.to_model(jnp.asarray(source_points, jnp.result_type(float)))
         typer.echo(
-            f"sampling {num} from {run_dir} (step {run.step}) with {name}"
-            f"{' SDE' if sde else ' ODE'}",
+            f"{'mapping' if is_bridge else 'sampling'} {num} from {run_dir} (step {run.step}) "
+            f"with {name}{' SDE' if sde else ' ODE'}",
             err=True,
         )
-        # All local devices, each solving its own rows (docs/scaling.md).
-        mesh = nd.data_mesh()
-        z, stats = nd.sample(run.model, key, num, mesh=mesh, num_chunks=chunks, **settings)
+        if is_bridge:
+            z, stats = nd.bridge_sample(run.model, key, c, **settings)
+        else:
+            # All local devices, each solving its own rows (docs/scaling.md).
+            mesh = nd.data_mesh()
+            z, stats = nd.sample(run.model, key, num, mesh=mesh, num_chunks=chunks, **settings)
         samples = _to_data_units(run, z)
         out_path = os.fspath(out) if out is not None else os.path.join(run_dir, "samples.npy")
         atomic_save(out_path, lambda tmp: np.save(tmp, samples))

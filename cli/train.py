@@ -60,12 +60,13 @@ def _resolve(base, settings: dict[str, Any]):
             except ValueError:
                 choices = ", ".join(m.value for m in enum_type)
                 raise ValueError(f"unknown {name} {value!r}; expected one of: {choices}.") from None
-    data = settings.get("data")
-    if isinstance(data, str) and data not in nd.DATASETS:
-        if data.endswith((".npy", ".npz")) or os.sep in data:
-            settings = {**settings, "data": os.path.abspath(data)}
-        else:
-            nd.get_dataset(data)  # raises the "unknown dataset" message
+    for field in ("data", "source"):
+        data = settings.get(field)
+        if isinstance(data, str) and data not in nd.DATASETS:
+            if data.endswith((".npy", ".npz")) or os.sep in data:
+                settings = {**settings, field: os.path.abspath(data)}
+            else:
+                nd.get_dataset(data)  # raises the "unknown dataset" message
     return nd.update_config(base, settings)
 
 
@@ -74,10 +75,17 @@ def train(
         str | None,
         typer.Option(help="Built-in dataset name (rings, two-moons, ...) or a .npy/.npz file."),
     ] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            help="Train a bridge from this source (dataset name or .npy/.npz file) to --data."
+        ),
+    ] = None,
     forward: Annotated[
         str | None,
         typer.Option(
-            help="Forward process: neural-gaussian (default), linear, vp, learned-schedule."
+            help="Forward process: neural-gaussian (default), linear, vp, learned-schedule, "
+            "neural-flow."
         ),
     ] = None,
     volatility: Annotated[
@@ -138,6 +146,7 @@ def train(
 
     flags = {
         "data": data,
+        "source": source,
         "forward": forward,
         "volatility": volatility,
         "curvature": curvature,
@@ -202,6 +211,7 @@ def train(
             "resumed_from": result.resumed_from,
             "checkpoint": result.checkpoint,
             "data": resolved.data,
+            "source": resolved.source,
             "forward": resolved.model.forward.value,
             "volatility": resolved.model.volatility.value,
             "devices": result.devices,

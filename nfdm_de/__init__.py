@@ -2,6 +2,17 @@
 
 import importlib.metadata
 
+from ._bridge import (
+    BridgeModel as BridgeModel,
+    BridgePredictor as BridgePredictor,
+    ConditionedBridge as ConditionedBridge,
+    NeuralBridge as NeuralBridge,
+    bridge_loss as bridge_loss,
+    bridge_predictor as bridge_predictor,
+    bridge_reconstruction_nll as bridge_reconstruction_nll,
+    bridge_sample as bridge_sample,
+    neural_bridge as neural_bridge,
+)
 from ._checkpoint import (
     latest_checkpoint as latest_checkpoint,
     list_checkpoints as list_checkpoints,

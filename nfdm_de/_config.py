@@ -14,6 +14,7 @@ from typing import Any
 import jax.random as jr
 
 from ._custom_types import Key
+from ._flow import neural_flow
 from ._forward import (
     AbstractForwardProcess,
     LearnedSchedule,
@@ -38,6 +39,7 @@ class ForwardChoice(enum.Enum):
     LINEAR = "linear"
     VP = "vp"
     LEARNED_SCHEDULE = "learned-schedule"
+    NEURAL_FLOW = "neural-flow"
 
 
 class VolatilityChoice(enum.Enum):
@@ -147,10 +149,16 @@ class TrainConfig:
     save_every: int = 1000
     keep: int = 3
     log_every: int = 100
+    # A bridge (nfdm_de/_bridge.py) from this source distribution to `data`; None: an NFDM.
+    source: str | None = None
 
     def __post_init__(self):
         if not (isinstance(self.data, str) and self.data):
             raise ValueError(f"`data` must be a dataset name or a file path; got {self.data!r}.")
+        if self.source is not None and not (isinstance(self.source, str) and self.source):
+            raise ValueError(
+                f"`source` must be a dataset name or a file path (or None); got {self.source!r}."
+            )
         _check_positive_int("steps", self.steps)
         _check_positive_int("batch_size", self.batch_size)
         _check_positive_int("num_train", self.num_train)
@@ -197,6 +205,7 @@ _FORWARD_BUILDERS = {
     ForwardChoice.LINEAR: lambda c, d, k: LinearInterpolant(delta=c.delta),
     ForwardChoice.VP: lambda c, d, k: VariancePreserving(delta=c.delta),
     ForwardChoice.LEARNED_SCHEDULE: lambda c, d, k: LearnedSchedule(delta=c.delta, key=k),
+    ForwardChoice.NEURAL_FLOW: lambda c, d, k: neural_flow(d, delta=c.delta, key=k),
 }
 
 _VOLATILITY_BUILDERS: dict[VolatilityChoice, Callable[[ModelConfig, Key], AbstractVolatility]]

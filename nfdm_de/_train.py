@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, UInt
 
+from ._bridge import BridgeModel, bridge_loss, build_bridge_model
 from ._checkpoint import (
     atomic_write_bytes,
     checkpoint_path,
@@ -125,11 +126,14 @@ def _optimizer(clip: float, weight_decay: float) -> optax.GradientTransformation
 class TrainState(eqx.Module):
     """Everything a checkpoint holds besides its JSON header (step, data-iterator state)."""
 
-    model: NFDM
-    ema_model: NFDM
+    model: NFDM | BridgeModel
+    ema_model: NFDM | BridgeModel
     opt_state: Any
     key: UInt[Array, "..."]  # raw key data of the training stream (jr.key_data)
     transform: AffineDataTransform
+    # A bridge's source data -> model space (None for an NFDM: no leaves, so NFDM checkpoints
+    # are unchanged).
+    source_transform: AffineDataTransform | None = None
 
 
 def _params(model):
@@ -140,15 +144,25 @@ def init_train_state(
     config: TrainConfig,
     data_shape: tuple[int, ...],
     transform: AffineDataTransform | None = None,
+    source_transform: AffineDataTransform | None = None,
 ) -> TrainState:
-    """A fresh state: model from `config.model` and `config.seed`, EMA = model, optimiser state."""
+    """A fresh state: model from `config.model` and `config.seed`, EMA = model, optimiser state.
+
+    With `config.source` set the model is a `BridgeModel` and the state holds the source's
+    transform too."""
     model_key, train_key = jr.split(jr.key(config.seed))
-    model = build_model(config.model, data_shape, model_key)
+    if config.source is not None:
+        model = build_bridge_model(config.model, data_shape, model_key)
+        if source_transform is None:
+            source_transform = AffineDataTransform.identity(data_shape[0])
+    else:
+        model = build_model(config.model, data_shape, model_key)
+        source_transform = None
     optimizer = make_optimizer(config.optim)
     opt_state = optimizer.init(_params(model))
     if transform is None:
         transform = AffineDataTransform.identity(data_shape[0])
-    return TrainState(model, model, opt_state, jr.key_data(train_key), transform)
+    return TrainState(model, model, opt_state, jr.key_data(train_key), transform, source_transform)
 
 
 # --- the step -----------------------------------------------------------------------------------
@@ -166,8 +180,11 @@ def train_step(
     ema_decay: float,
     num_levels: int | None,
     time_power: float = 1.0,
+    source_batch: Float[Array, " batch dim"] | None = None,
 ) -> tuple[TrainState, LossBreakdown, Array]:
     """One optimiser step on `batch` (in the data's units) at integer `step`, learning rate `lr`.
+
+    A bridge (`state.model` a `BridgeModel`) pairs `batch` with `source_batch` (source units).
 
     Returns the new state, the batch-mean `LossBreakdown` and the gradient's global norm.
     """
@@ -181,13 +198,11 @@ def train_step(
     params, static = eqx.partition(state.model, eqx.is_inexact_array)
 
     def objective(params):
-        return loss(
-            eqx.combine(params, static),
-            loss_key,
-            x,
-            curvature_weight=curvature_weight,
-            time_power=time_power,
-        )
+        model = eqx.combine(params, static)
+        if isinstance(model, BridgeModel):
+            source = state.source_transform.to_model(source_batch)
+            return bridge_loss(model, loss_key, x, source, curvature_weight=curvature_weight)
+        return loss(model, loss_key, x, curvature_weight=curvature_weight, time_power=time_power)
 
     (_, breakdown), grads = jax.value_and_grad(objective, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
@@ -201,7 +216,9 @@ def train_step(
         lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), ema_params, params
     )
     ema_model = eqx.combine(ema_params, ema_static)
-    new_state = TrainState(model, ema_model, opt_state, state.key, state.transform)
+    new_state = TrainState(
+        model, ema_model, opt_state, state.key, state.transform, state.source_transform
+    )
     grad_norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
     return new_state, breakdown, grad_norm
 
@@ -224,14 +241,17 @@ class LoadedRun:
     - `raw_model`: the non-averaged weights.
     """
 
-    model: NFDM
+    model: NFDM | BridgeModel
     config: TrainConfig
     transform: AffineDataTransform
     dataset: str
     num_levels: int | None
     step: int
     path: str
-    raw_model: NFDM
+    raw_model: NFDM | BridgeModel
+    # Bridges: the source's data -> model transform (None for an NFDM); the source is
+    # `config.source`.
+    source_transform: AffineDataTransform | None = None
 
 
 def _cast_floats(tree, dtype):
@@ -274,6 +294,7 @@ def load_run(run_dir: str) -> LoadedRun:
         step=int(header["step"]),
         path=path,
         raw_model=_cast_floats(state.model, dtype),
+        source_transform=_cast_floats(state.source_transform, dtype),
     )
 
 
@@ -420,6 +441,8 @@ def train(
     run_dir = os.fspath(run_dir)
     if is_file_reference(config.data):
         config = dataclasses.replace(config, data=os.path.abspath(config.data))
+    if config.source is not None and is_file_reference(config.source):
+        config = dataclasses.replace(config, source=os.path.abspath(config.source))
     _check_run_directory(run_dir, config, resume)
     check_model_config(config.model)
     rows = process_rows(config.batch_size, mesh)
@@ -431,6 +454,20 @@ def train(
     num_levels = dataset_num_levels(config.data)
     data_shape = data.shape[1:]
     dtype = jnp.result_type(float)
+    source_data = None
+    if config.source is not None:
+        source_num = None if is_file_reference(config.source) else config.num_train
+        # The source's own random stream (seed + 1), independent of the target's.
+        source_data = load_dataset(
+            config.source, split="train", num=source_num, seed=config.seed + 1
+        )
+        if source_data.shape[1:] != data_shape:
+            raise ValueError(
+                f"the source {config.source!r} has examples of shape {source_data.shape[1:]} but "
+                f"the target {config.data!r} has {data_shape}; a bridge needs one dimension."
+            )
+        if num_levels is not None or dataset_num_levels(config.source) is not None:
+            raise ValueError("bridges support continuous data only (no integer-valued sets).")
 
     checkpoint_dir = os.path.join(run_dir, CHECKPOINT_DIR)
     metrics_path = os.path.join(run_dir, METRICS_FILE)
@@ -447,15 +484,19 @@ def train(
         step = int(header["step"])
         final_loss = float(header.get("loss", math.nan))
         iterator_state = header["data_iterator"]
+        source_iterator_state = header.get("source_iterator")
         if main:
             _truncate_metrics(metrics_path, step)
         log(f"resuming {run_dir} from step {step}")
     else:
         transform = fit_transform(config.data, data)
-        state = init_train_state(config, data_shape, transform)
+        source_transform = None
+        if source_data is not None:
+            source_transform = fit_transform(config.source, source_data)
+        state = init_train_state(config, data_shape, transform, source_transform)
         step = 0
         final_loss = math.nan
-        iterator_state = None
+        iterator_state = source_iterator_state = None
         if resume and main:  # a run killed before its first checkpoint: forget its metrics
             _truncate_metrics(metrics_path, 0)
     log(
@@ -478,6 +519,14 @@ def train(
     iterator = iter(batches.to_iter_dataset())
     if iterator_state is not None:
         iterator.set_state(iterator_state)
+    source_iterator = None
+    if source_data is not None:
+        source_batches = batch_dataset(
+            source_data, batch_size=config.batch_size, seed=config.seed + 1
+        )
+        source_iterator = iter(source_batches.to_iter_dataset())
+        if source_iterator_state is not None:
+            source_iterator.set_state(source_iterator_state)
     step_fn = functools.partial(
         train_step,
         curvature_weight=float(config.model.curvature),
@@ -493,6 +542,7 @@ def train(
             "dtype": str(jnp.dtype(dtype)),
             "num_levels": num_levels,
             "data_iterator": iterator.get_state(),
+            "source_iterator": None if source_iterator is None else source_iterator.get_state(),
             "loss": loss_value,
         }
 
@@ -507,7 +557,12 @@ def train(
             batch = shard_batch(np.asarray(next(iterator), dtype), mesh)
             # Host scalars: replicated constants of the step on every device and process.
             lr = np.asarray(schedule(step), dtype)
-            state, breakdown, grad_norm = step_fn(state, batch, np.asarray(step), lr, optimizer)
+            source_batch = None
+            if source_iterator is not None:
+                source_batch = shard_batch(np.asarray(next(source_iterator), dtype), mesh)
+            state, breakdown, grad_norm = step_fn(
+                state, batch, np.asarray(step), lr, optimizer, source_batch=source_batch
+            )
             step += 1
             interval_steps += 1
             pending.append((step, breakdown, grad_norm))

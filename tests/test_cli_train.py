@@ -23,6 +23,7 @@ def _tiny_toml(path: Path, **changes) -> Path:
     d = TINY.to_dict()
     flat = {**d["model"], **d["optim"], **{k: v for k, v in d.items() if not isinstance(v, dict)}}
     flat.update(changes)
+    flat = {k: v for k, v in flat.items() if v is not None}  # TOML has no null (source = None)
     path.write_text("".join(f"{k.replace('_', '-')} = {json.dumps(v)}\n" for k, v in flat.items()))
     return path
 

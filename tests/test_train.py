@@ -37,7 +37,11 @@ def _bit_identical(a, b) -> bool:
 @pytest.mark.parametrize("forward", list(nd.ForwardChoice))
 @pytest.mark.parametrize("volatility", list(nd.VolatilityChoice))
 def test_build_model_every_choice(forward, volatility, getkey):
-    learnable = forward in (nd.ForwardChoice.NEURAL_GAUSSIAN, nd.ForwardChoice.LEARNED_SCHEDULE)
+    learnable = forward in (
+        nd.ForwardChoice.NEURAL_GAUSSIAN,
+        nd.ForwardChoice.LEARNED_SCHEDULE,
+        nd.ForwardChoice.NEURAL_FLOW,
+    )
     config = nd.ModelConfig(forward=forward, volatility=volatility, width=8, depth=1)
     if volatility is nd.VolatilityChoice.ZERO and learnable:
         with pytest.raises(ValueError, match="curvature"):
