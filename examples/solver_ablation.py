@@ -154,7 +154,7 @@ def plot(rows, path):
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     series: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
-    for name, kind, solver_name, steps, tol, nfe, energy, *_ in rows:
+    for name, kind, solver_name, _steps, tol, nfe, energy, *_ in rows:
         label = (name, kind, "adaptive" if tol is not None else solver_name)
         series.setdefault(label, []).append((nfe, max(energy, 1e-5)))
     colours = {"nfdm": "C0", "nfdm-ot": "C1", "linear": "C2"}
