@@ -41,7 +41,8 @@ def model_configs(lam: float) -> dict[str, nd.ModelConfig]:
 
 
 def train_or_load(name, model_config, args) -> nd.LoadedRun:
-    """Train into `<run-root>/<name>`, or load the run already there (resuming it if short)."""
+    """Train into `<run-root>/<name>`, or load the finished run already there (resuming it when
+    it stopped short of `args.steps`)."""
     run_dir = os.path.join(args.run_root, name)
     config = nd.TrainConfig(
         data=args.data,
@@ -55,8 +56,15 @@ def train_or_load(name, model_config, args) -> nd.LoadedRun:
         optim=dataclasses.replace(nd.OptimConfig(), warmup=min(200, args.steps // 10)),
     )
     existing = nd.read_run_config(run_dir)
-    if existing is None or nd.latest_checkpoint(os.path.join(run_dir, "checkpoints")) is None:
+    if existing is not None and existing.model != config.model:
+        raise SystemExit(
+            f"{run_dir} holds a run with another model config ({existing.model}); "
+            "pass another --run-root."
+        )
+    latest = nd.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if latest is None or nd.read_header(latest)["step"] < config.steps:
         print(f"training {name} ({args.steps} steps) -> {run_dir}", flush=True)
+        # nd.train refuses a resume whose settings differ in anything but the run length.
         nd.train(config, run_dir, resume=existing is not None)
     else:
         print(f"loading {name} from {run_dir}", flush=True)

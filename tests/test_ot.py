@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import pytest
 from helpers import DATA_SIZE, perturb
 
 import nfdm_de as nd
@@ -114,3 +115,24 @@ def test_training_with_the_curvature_penalty_lowers_the_curvature():
     (c0, se0), (c3, se3) = out[0.0], out[3.0]
     # Lower by more than 3 combined standard errors of the probe-point means.
     assert c3 < c0 - 3 * (se0**2 + se3**2) ** 0.5, out
+
+
+def test_forward_network_size_settings(getkey):
+    default = nd.ModelConfig()
+    model = nd.build_model(default, (2,), getkey())
+    assert [layer.weight.shape for layer in model.forward.network.layers][1:] == [(64, 64)]
+    assert len(model.predictor.network.layers) == default.depth == 3
+    assert model.predictor.network.layers[-1].weight.shape == (128, 128)
+    same = nd.build_model(nd.ModelConfig(width=8, depth=1, forward_width=None), (2,), getkey())
+    assert [layer.weight.shape[0] for layer in same.forward.network.layers] == [8, 8]
+    updated = nd.update_config(nd.TrainConfig(), {"forward_width": 32, "forward_depth": 1})
+    assert (updated.model.forward_width, updated.model.forward_depth) == (32, 1)
+    assert nd.TrainConfig.from_dict(updated.to_dict()) == updated
+    # A config stored before the fields existed: its forward network had the predictor's size.
+    old = updated.to_dict()
+    del old["model"]["forward_width"], old["model"]["forward_depth"]
+    loaded = nd.TrainConfig.from_dict(old)
+    assert loaded.model.forward_width is None and loaded.model.resolved_forward_width == 128
+    for bad in (0, -3, 2.5, "64", True):
+        with pytest.raises(ValueError, match="forward_width"):
+            nd.update_config(nd.TrainConfig(), {"forward_width": bad})
