@@ -1,6 +1,6 @@
 """Few-step sampling: energy distance at 1, 2 and 4 Euler steps for NFDM-OT against the baselines.
 
-    python benchmarks/few_step.py [--data two-moons] [--steps 1500] [--lams 0.1,1]
+    python benchmarks/few_step.py [--data two-moons] [--steps 1500] [--lams 0.1,1,10]
                                   [--run-root runs/solver_ablation]
 
 Models (trained with `nfdm_de.train`, or loaded from `<run-root>/<name>` when already there; the
@@ -39,7 +39,7 @@ def main():
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-train", type=int, default=20_000)
-    parser.add_argument("--lams", default="0.1", help="comma-separated curvature weights")
+    parser.add_argument("--lams", default="0.1,1,10", help="comma-separated curvature weights")
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)

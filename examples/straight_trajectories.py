@@ -6,7 +6,7 @@
 Trains (or loads, from the same run directories as `solver_ablation.py`) NFDM-OT
 (`volatility=zero`, learnable forward process, curvature penalty `--lam`) and the linear
 baseline, draws ODE paths from t = 1 to t = 0 with `nfdm_de.sample_trajectories`, plots them side
-by side, and prints a straightness figure per model: the mean of (path length / distance between
+by side, and prints a straightness figure per model: (total path length / total distance between
 the endpoints) - 1, which is zero for straight paths.
 """
 
@@ -25,10 +25,11 @@ from solver_ablation import model_configs, train_or_load  # noqa: E402
 
 
 def excess_length(paths: np.ndarray) -> float:
-    """mean over paths of length / |end - start| - 1; paths: (points, num, D)."""
+    """sum of path lengths / sum of |end - start| - 1 (a ratio of sums, so that the few paths
+    whose ends nearly coincide do not dominate); paths: (points, num, D)."""
     length = np.sum(np.linalg.norm(np.diff(paths, axis=0), axis=-1), axis=0)
     chord = np.linalg.norm(paths[-1] - paths[0], axis=-1)
-    return float(np.mean(length / np.maximum(chord, 1e-12)) - 1.0)
+    return float(np.sum(length) / max(float(np.sum(chord)), 1e-12) - 1.0)
 
 
 def main(argv=None):
