@@ -93,7 +93,7 @@ def train(
     depth: Annotated[int | None, typer.Option(help="Hidden layers of the MLPs.")] = None,
     forward_width: Annotated[
         int | None,
-        typer.Option(help="Hidden width of the learnable forward process's network (default 64)."),
+        typer.Option(help="Hidden width of the learnable forward process's network (default 48)."),
     ] = None,
     forward_depth: Annotated[
         int | None,

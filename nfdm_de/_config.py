@@ -64,10 +64,10 @@ class ModelConfig:
     - `width`, `depth`: hidden width and number of hidden layers of the MLPs (the predictor's;
       the forward network's too where `forward_width`/`forward_depth` are None).
     - `forward_width`, `forward_depth`: the learnable forward process's network (None: the same
-      as the predictor's). The default 2x64 is smaller than the predictor because the forward
+      as the predictor's). The default 2x48 is smaller than the predictor because the forward
       network runs twice per example, each time with its time derivative (a JVP): about four
       network passes against the predictor's one, so an equal-size forward network makes a train
-      step ~3-5x the baseline's; 2x64 keeps it under 2x (profile and figures in docs/ot.md).
+      step ~3-5x the baseline's; 2x48 keeps it under 2x (profile and figures in docs/ot.md).
     - `delta`: noise scale at t = 0 (the boundary condition F(eps, 0, x) = x + delta eps).
     - `volatility_value`: g for `constant`, the initial g for `learned`.
     """
@@ -77,7 +77,7 @@ class ModelConfig:
     curvature: float = 0.0
     width: int = 128
     depth: int = 3
-    forward_width: int | None = 64
+    forward_width: int | None = 48
     forward_depth: int | None = 2
     delta: float = 0.01
     volatility_value: float = 1.0

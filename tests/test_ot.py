@@ -120,7 +120,7 @@ def test_training_with_the_curvature_penalty_lowers_the_curvature():
 def test_forward_network_size_settings(getkey):
     default = nd.ModelConfig()
     model = nd.build_model(default, (2,), getkey())
-    assert [layer.weight.shape for layer in model.forward.network.layers][1:] == [(64, 64)]
+    assert [layer.weight.shape for layer in model.forward.network.layers][1:] == [(48, 48)]
     assert len(model.predictor.network.layers) == default.depth == 3
     assert model.predictor.network.layers[-1].weight.shape == (128, 128)
     same = nd.build_model(nd.ModelConfig(width=8, depth=1, forward_width=None), (2,), getkey())
