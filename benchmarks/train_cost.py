@@ -1,110 +1,106 @@
 """Train-step cost of NFDM (learnable Gaussian forward process) against the linear-interpolant
 baseline with the same predictor, batch and optimiser, measured side by side in one process.
 
-    python benchmarks/train_cost.py [--batch 256] [--repeats 200]
+    python benchmarks/train_cost.py [--rounds 5] [--repeats 100]
 
-Prints a Markdown table of steady-state steps/s and the ratio of step times.
+Every model is built by `nfdm_de.build_model` from a `ModelConfig` and stepped by the library's
+own jitted `nfdm_de.train_step` (AdamW, clipping, EMA), with the default `TrainConfig` batch. Rows:
+
+- the linear baseline (default predictor, `forward=linear`);
+- NFDM with the default configuration (`ModelConfig()`: forward network 2x64);
+- NFDM with an equal-size forward network (`forward_width=width, forward_depth=depth`).
+
+Rounds are interleaved (one timing of every configuration per round) so drifting machine load
+hits all of them alike; the best round of each is reported. Prints a Markdown table.
 """
 
 import argparse
+import dataclasses
 import time
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import optax
 
 import nfdm_de as nd
 
 
-def make_step(model, optimiser):
-    @eqx.filter_jit
-    def step(model, opt_state, key, batch):
-        value, grads = eqx.filter_value_and_grad(lambda m: nd.loss(m, key, batch)[0])(model)
-        params = eqx.filter(model, eqx.is_inexact_array)
-        updates, opt_state = optimiser.update(grads, opt_state, params)
-        return eqx.apply_updates(model, updates), opt_state, value
+def steps_per_second(config, batch, repeats):
+    state = nd.init_train_state(config, batch.shape[1:])
+    optimiser = nd.make_optimizer(config.optim)
+    lr = jnp.asarray(config.optim.lr, batch.dtype)
 
-    return step
+    def run(state, n, offset):
+        for i in range(n):
+            state, breakdown, _ = nd.train_step(
+                state,
+                batch,
+                jnp.asarray(offset + i),
+                lr,
+                optimiser,
+                curvature_weight=float(config.model.curvature),
+                ema_decay=float(config.optim.ema_decay),
+                num_levels=None,
+            )
+        jax.block_until_ready(breakdown.total)
+        return state
 
-
-def steps_per_second(model, batch, repeats, rounds=5):
-    optimiser = optax.adam(1e-3)
-    opt_state = optimiser.init(eqx.filter(model, eqx.is_inexact_array))
-    step = make_step(model, optimiser)
-    model, opt_state, value = step(model, opt_state, jr.key(0), batch)  # compile
-    jax.block_until_ready(value)
-    best = float("inf")
-    for r in range(rounds):
-        start = time.perf_counter()
-        for i in range(repeats):
-            model, opt_state, value = step(model, opt_state, jr.key(i + r * repeats), batch)
-        jax.block_until_ready(value)
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return 1.0 / best
-
-
-def build(forward_kind, *, data_size, width, depth, forward_width, forward_depth, key):
-    kf, kp, kv = jr.split(key, 3)
-    predictor = nd.mlp_predictor(data_size, width=width, depth=depth, key=kp)
-    volatility = nd.LearnedVolatility(key=kv)
-    if forward_kind == "linear":
-        forward = nd.LinearInterpolant()
-    else:
-        forward = nd.neural_gaussian(data_size, width=forward_width, depth=forward_depth, key=kf)
-    return nd.NFDM(forward, predictor, volatility)
+    state = run(state, 2, 0)  # compile and warm up
+    start = time.perf_counter()
+    run(state, repeats, 2)
+    return repeats / (time.perf_counter() - start)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--data-size", type=int, default=2)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--depth", type=int, default=3)
-    parser.add_argument("--default-forward-width", type=int, default=64)
-    parser.add_argument("--default-forward-depth", type=int, default=2)
+    parser.add_argument(
+        "--extra",
+        default="",
+        help="extra forward-network sizes to time, e.g. '1x64,2x32' (depth x width)",
+    )
     args = parser.parse_args()
 
-    batch = jr.normal(jr.key(1), (args.batch, args.data_size))
-    configs = [
-        ("linear baseline", "linear", args.width, args.depth),
-        ("NFDM, equal-size forward net", "neural", args.width, args.depth),
-        (
-            "NFDM, default (smaller forward net)",
-            "neural",
-            args.default_forward_width,
-            args.default_forward_depth,
+    default = nd.TrainConfig()
+    model = default.model
+    configs = {
+        "linear baseline": dataclasses.replace(
+            default, model=dataclasses.replace(model, forward=nd.ForwardChoice.LINEAR)
         ),
-    ]
-    # Interleave measurements so that drifting machine load affects all configurations alike.
-    rates = {name: [] for name, *_ in configs}
-    models = {
-        name: build(
-            kind,
-            data_size=args.data_size,
-            width=args.width,
-            depth=args.depth,
-            forward_width=fw,
-            forward_depth=fd,
-            key=jr.key(0),
-        )
-        for name, kind, fw, fd in configs
+        "NFDM, default config": default,
+        "NFDM, equal-size forward net": dataclasses.replace(
+            default,
+            model=dataclasses.replace(model, forward_width=model.width, forward_depth=model.depth),
+        ),
     }
-    for _ in range(3):
-        for name, *_ in configs:
-            rates[name].append(steps_per_second(models[name], batch, args.repeats, rounds=1))
+    for spec in filter(None, args.extra.split(",")):
+        depth, width = (int(n) for n in spec.split("x"))
+        configs[f"NFDM, forward net {spec}"] = dataclasses.replace(
+            default, model=dataclasses.replace(model, forward_width=width, forward_depth=depth)
+        )
+    batch = jr.normal(jr.key(1), (default.batch_size, args.data_size), jnp.result_type(float))
+    rates = {name: [] for name in configs}
+    for _ in range(args.rounds):
+        for name, config in configs.items():
+            rates[name].append(steps_per_second(config, batch, args.repeats))
     base = max(rates["linear baseline"])
     print(
-        f"batch {args.batch}, D = {args.data_size}, predictor {args.depth}x{args.width}, "
-        f"backend {jax.default_backend()}, {jax.device_count()} device(s)\n"
+        f"batch {default.batch_size}, D = {args.data_size}, predictor {model.depth}x{model.width}, "
+        f"backend {jax.default_backend()}, {jax.device_count()} device(s), best of {args.rounds} "
+        f"interleaved rounds of {args.repeats} steps\n"
     )
-    print("| configuration | forward net | steps/s | step-time ratio vs linear |")
+    print("| configuration | forward net | steps/s (best) | step-time ratio vs linear |")
     print("|---|---|---:|---:|")
-    for name, kind, fw, fd in configs:
+    for name, config in configs.items():
         rate = max(rates[name])
-        net = "—" if kind == "linear" else f"{fd}x{fw}"
+        m = config.model
+        net = (
+            "—"
+            if m.forward is nd.ForwardChoice.LINEAR
+            else f"{m.resolved_forward_depth}x{m.resolved_forward_width}"
+        )
         print(f"| {name} | {net} | {rate:.1f} | {base / rate:.2f} |")
 
 

@@ -99,6 +99,14 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW).")] = None,
     width: Annotated[int | None, typer.Option(help="Hidden width of the MLPs.")] = None,
     depth: Annotated[int | None, typer.Option(help="Hidden layers of the MLPs.")] = None,
+    forward_width: Annotated[
+        int | None,
+        typer.Option(help="Hidden width of the learnable forward process's network (default 48)."),
+    ] = None,
+    forward_depth: Annotated[
+        int | None,
+        typer.Option(help="Hidden layers of the learnable forward process's network (default 2)."),
+    ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Random seed (model, data order, noise).")
     ] = None,
@@ -155,6 +163,8 @@ def train(
         "lr": lr,
         "width": width,
         "depth": depth,
+        "forward_width": forward_width,
+        "forward_depth": forward_depth,
         "seed": seed,
         "warmup": warmup,
         "schedule": schedule,
@@ -197,9 +207,12 @@ def train(
     process_index = jax.process_index()
     done = result.steps - result.resumed_from
     if process_index == 0:  # only process 0 reports to people
+        curvature_text = ""
+        if resolved.model.curvature > 0 and "curvature" in result.final_terms:
+            curvature_text = f" (curvature term {result.final_terms['curvature']:.4f})"
         typer.echo(
             f"trained {done} steps in {result.seconds:.1f} s; final loss "
-            f"{result.final_loss:.4f}; run saved in {result.run_dir}",
+            f"{result.final_loss:.4f}{curvature_text}; run saved in {result.run_dir}",
             err=True,
         )
     if json_output:
@@ -207,6 +220,8 @@ def train(
             "run_dir": result.run_dir,
             "steps": result.steps,
             "final_loss": result.final_loss,
+            "final_terms": result.final_terms,
+            "curvature_weight": resolved.model.curvature,
             "seconds": result.seconds,
             "resumed_from": result.resumed_from,
             "checkpoint": result.checkpoint,

@@ -63,7 +63,13 @@ class ModelConfig:
 
     - `forward`, `volatility`: which forward process and volatility (see the Enums).
     - `curvature`: weight lambda of the NFDM-OT curvature penalty (DESIGN §2.4).
-    - `width`, `depth`: hidden width and number of hidden layers of the MLPs.
+    - `width`, `depth`: hidden width and number of hidden layers of the MLPs (the predictor's;
+      the forward network's too where `forward_width`/`forward_depth` are None).
+    - `forward_width`, `forward_depth`: the learnable forward process's network (None: the same
+      as the predictor's). The default 2x48 is smaller than the predictor because the forward
+      network runs twice per example, each time with its time derivative (a JVP): about four
+      network passes against the predictor's one, so an equal-size forward network makes a train
+      step ~3-5x the baseline's; 2x48 keeps it under 2x (profile and figures in docs/ot.md).
     - `delta`: noise scale at t = 0 (the boundary condition F(eps, 0, x) = x + delta eps).
     - `volatility_value`: g for `constant`, the initial g for `learned`.
     - `time_power`: importance sampling of t in the objective, t = u^time_power with weights
@@ -77,6 +83,8 @@ class ModelConfig:
     curvature: float = 0.0
     width: int = 128
     depth: int = 3
+    forward_width: int | None = 48
+    forward_depth: int | None = 2
     delta: float = 0.01
     volatility_value: float = 1.0
     time_power: float = 3.0
@@ -86,6 +94,9 @@ class ModelConfig:
         _check_enum("volatility", self.volatility, VolatilityChoice)
         _check_positive_int("width", self.width)
         _check_positive_int("depth", self.depth)
+        for name in ("forward_width", "forward_depth"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
         if not (_is_real(self.curvature) and math.isfinite(self.curvature) and self.curvature >= 0):
             raise ValueError(f"`curvature` must be a finite number >= 0; got {self.curvature!r}.")
         if not (_is_real(self.delta) and 0 < self.delta < 1):
@@ -96,6 +107,14 @@ class ModelConfig:
             raise ValueError(f"`time_power` must be a finite number >= 1; got {self.time_power!r}.")
         if self.time_power < 1:
             raise ValueError(f"`time_power` must be a finite number >= 1; got {self.time_power!r}.")
+
+    @property
+    def resolved_forward_width(self) -> int:
+        return self.width if self.forward_width is None else self.forward_width
+
+    @property
+    def resolved_forward_depth(self) -> int:
+        return self.depth if self.forward_depth is None else self.forward_depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +198,11 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """Inverse of `to_dict`; unknown keys are an error."""
         d = dict(d)
-        model = _dataclass_from_dict(ModelConfig, d.pop("model", {}), "model")
+        model_dict = d.pop("model", {})
+        if isinstance(model_dict, dict) and model_dict and "forward_width" not in model_dict:
+            # Stored before the forward network had its own size: it had the predictor's.
+            model_dict = {"forward_width": None, "forward_depth": None, **model_dict}
+        model = _dataclass_from_dict(ModelConfig, model_dict, "model")
         optim = _dataclass_from_dict(OptimConfig, d.pop("optim", {}), "optim")
         return _dataclass_from_dict(cls, d, "", model=model, optim=optim)
 
@@ -200,7 +223,7 @@ def config_differences(stored: TrainConfig, given: TrainConfig) -> list[str]:
 _FORWARD_BUILDERS: dict[ForwardChoice, Callable[[ModelConfig, int, Key], AbstractForwardProcess]]
 _FORWARD_BUILDERS = {
     ForwardChoice.NEURAL_GAUSSIAN: lambda c, d, k: neural_gaussian(
-        d, width=c.width, depth=c.depth, delta=c.delta, key=k
+        d, width=c.resolved_forward_width, depth=c.resolved_forward_depth, delta=c.delta, key=k
     ),
     ForwardChoice.LINEAR: lambda c, d, k: LinearInterpolant(delta=c.delta),
     ForwardChoice.VP: lambda c, d, k: VariancePreserving(delta=c.delta),
@@ -329,6 +352,11 @@ def _coerce(cls, name: str, value):
         return value
     if target is str and isinstance(value, str):
         return value
+    if target == int | None and (value is None or isinstance(value, int)):
+        if not isinstance(value, bool):
+            return value
+    if target == int | None:
+        raise ValueError(f"`{name}` must be a positive integer or None; got {value!r}.")
     if target in (int, float, str):
         raise ValueError(f"`{name}` must be {target.__name__}; got {value!r}.")
     return value

@@ -358,6 +358,9 @@ class TrainResult:
     checkpoint: str | None
     devices: int = 1
     processes: int = 1
+    # Batch-mean loss terms (diffusion, prior, reconstruction, curvature) over the last logged
+    # interval of this call; empty when it ran no step.
+    final_terms: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class _Progress:
@@ -368,7 +371,14 @@ class _Progress:
         self.tty = stream is not None and stream.isatty()
         self.last = 0.0
 
-    def update(self, step: int, loss: float, rate: float, force: bool = False) -> None:
+    def update(
+        self,
+        step: int,
+        loss: float,
+        rate: float,
+        force: bool = False,
+        curvature: float | None = None,
+    ) -> None:
         if self.stream is None:
             return
         now = time.monotonic()
@@ -377,7 +387,8 @@ class _Progress:
         self.last = now
         frac = step / self.total
         bar = "#" * int(25 * frac) + "." * (25 - int(25 * frac))
-        text = f"[{bar}] {step}/{self.total}  loss {loss:.4f}  {rate:.1f} steps/s"
+        extra = "" if curvature is None else f"  curvature {curvature:.4f}"
+        text = f"[{bar}] {step}/{self.total}  loss {loss:.4f}{extra}  {rate:.1f} steps/s"
         self.stream.write(("\r" + text) if self.tty else (text + "\n"))
         self.stream.flush()
 
@@ -549,6 +560,8 @@ def train(
     start_step = step
     bar = _Progress(config.steps, progress, start_step)
     pending: list[tuple[int, LossBreakdown, Array]] = []
+    final_terms: dict[str, float] = {}
+    show_curvature = config.model.curvature > 0
     checkpoint = latest
     started = interval_start = time.perf_counter()
     interval_steps = 0
@@ -597,12 +610,21 @@ def train(
                 "steps_per_sec": rate,
                 "seconds": now - started,
             }
+            final_terms = {
+                name: record[name] for name in ("diffusion", "prior", "reconstruction", "curvature")
+            }
             if main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             pending.clear()
             interval_start, interval_steps = now, 0
-            bar.update(step, final_loss, rate, force=step == end)
+            bar.update(
+                step,
+                final_loss,
+                rate,
+                force=step == end,
+                curvature=record["curvature"] if show_curvature else None,
+            )
             if save_now:
                 if not _tree_is_finite(state):
                     raise TrainingDiverged(
@@ -626,6 +648,7 @@ def train(
         checkpoint=checkpoint,
         devices=mesh_size(mesh),
         processes=jax.process_count(),
+        final_terms=final_terms,
     )
 
 
