@@ -179,11 +179,12 @@ def sample(
             f"with {name}{' SDE' if sde else ' ODE'}",
             err=True,
         )
+        # All local devices, each solving its own rows (docs/scaling.md); a bridge maps its
+        # source points one solve each, on one device.
+        mesh = nd.data_mesh()
         if is_bridge:
             z, stats = nd.bridge_sample(run.model, key, c, **settings)
         else:
-            # All local devices, each solving its own rows (docs/scaling.md).
-            mesh = nd.data_mesh()
             z, stats = nd.sample(run.model, key, num, mesh=mesh, num_chunks=chunks, **settings)
         samples = _to_data_units(run, z)
         out_path = os.fspath(out) if out is not None else os.path.join(run_dir, "samples.npy")
@@ -202,8 +203,8 @@ def sample(
             "out": out_path,
             "run_dir": os.fspath(run_dir),
             "checkpoint_step": run.step,
-            "devices": int(mesh.devices.size),
-            "chunks": chunks if chunks is not None else int(mesh.devices.size),
+            "devices": 1 if is_bridge else int(mesh.devices.size),
+            "chunks": 1 if is_bridge else (chunks or int(mesh.devices.size)),
         }
         if reference_data is not None:
             flat = samples.reshape(num, -1)
