@@ -61,8 +61,8 @@ def _resolve(base, settings: dict[str, Any]):
                 choices = ", ".join(m.value for m in enum_type)
                 raise ValueError(f"unknown {name} {value!r}; expected one of: {choices}.") from None
     data = settings.get("data")
-    if isinstance(data, str) and data not in nd.DATASETS:
-        if data.endswith((".npy", ".npz")) or os.sep in data:
+    if isinstance(data, str) and not nd.is_dataset_name(data):
+        if nd.is_file_reference(data):
             settings = {**settings, "data": os.path.abspath(data)}
         else:
             nd.get_dataset(data)  # raises the "unknown dataset" message
@@ -72,7 +72,11 @@ def _resolve(base, settings: dict[str, Any]):
 def train(
     data: Annotated[
         str | None,
-        typer.Option(help="Built-in dataset name (rings, two-moons, ...) or a .npy/.npz file."),
+        typer.Option(
+            help="Built-in dataset (rings, two-moons, digits, digits-images, ...), a .npy/.npz "
+            "file (N, D), or images: IDX (.gz or raw), a CIFAR-10 directory or .bin batch, an "
+            "ImageNet-style .npz, a uint8 .npy/.npz of rank 3-4."
+        ),
     ] = None,
     forward: Annotated[
         str | None,
@@ -91,6 +95,9 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW).")] = None,
     width: Annotated[int | None, typer.Option(help="Hidden width of the MLPs.")] = None,
     depth: Annotated[int | None, typer.Option(help="Hidden layers of the MLPs.")] = None,
+    channels: Annotated[
+        int | None, typer.Option(help="Base channels of the U-Nets (image data; default 8).")
+    ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Random seed (model, data order, noise).")
     ] = None,
@@ -129,6 +136,7 @@ def train(
         "lr": lr,
         "width": width,
         "depth": depth,
+        "channels": channels,
         "seed": seed,
         "warmup": warmup,
         "schedule": schedule,

@@ -23,6 +23,7 @@ from ._forward import (
 )
 from ._model import NFDM
 from ._nn import mlp_predictor
+from ._unet import unet_neural_gaussian, unet_predictor
 from ._volatility import (
     AbstractVolatility,
     ConstantVolatility,
@@ -61,7 +62,8 @@ class ModelConfig:
 
     - `forward`, `volatility`: which forward process and volatility (see the Enums).
     - `curvature`: weight lambda of the NFDM-OT curvature penalty (DESIGN §2.4).
-    - `width`, `depth`: hidden width and number of hidden layers of the MLPs.
+    - `width`, `depth`: hidden width and number of hidden layers of the MLPs (vector data).
+    - `channels`: base channel count of the U-Nets (image data; the MLP settings are unused).
     - `delta`: noise scale at t = 0 (the boundary condition F(eps, 0, x) = x + delta eps).
     - `volatility_value`: g for `constant`, the initial g for `learned`.
     """
@@ -71,6 +73,7 @@ class ModelConfig:
     curvature: float = 0.0
     width: int = 128
     depth: int = 3
+    channels: int = 8
     delta: float = 0.01
     volatility_value: float = 1.0
 
@@ -79,6 +82,7 @@ class ModelConfig:
         _check_enum("volatility", self.volatility, VolatilityChoice)
         _check_positive_int("width", self.width)
         _check_positive_int("depth", self.depth)
+        _check_positive_int("channels", self.channels)
         if not (_is_real(self.curvature) and math.isfinite(self.curvature) and self.curvature >= 0):
             raise ValueError(f"`curvature` must be a finite number >= 0; got {self.curvature!r}.")
         if not (_is_real(self.delta) and 0 < self.delta < 1):
@@ -178,12 +182,20 @@ def config_differences(stored: TrainConfig, given: TrainConfig) -> list[str]:
 
 # --- model construction -------------------------------------------------------------------------
 
-# The one place that maps a ForwardChoice to a forward process: (config, data size, key) -> process.
-_FORWARD_BUILDERS: dict[ForwardChoice, Callable[[ModelConfig, int, Key], AbstractForwardProcess]]
+
+def _neural_gaussian(c: ModelConfig, shape, k: Key) -> AbstractForwardProcess:
+    # Vectors (an int D, or the shape (D,)) get the MLP, images (H, W, C) the U-Net.
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if len(shape) == 3:
+        return unet_neural_gaussian(shape, base_channels=c.channels, delta=c.delta, key=k)
+    return neural_gaussian(shape[0], width=c.width, depth=c.depth, delta=c.delta, key=k)
+
+
+# The one place that maps a ForwardChoice to a forward process:
+# (config, data shape (or size D), key) -> process.
+_FORWARD_BUILDERS: dict[ForwardChoice, Callable[[ModelConfig, Any, Key], AbstractForwardProcess]]
 _FORWARD_BUILDERS = {
-    ForwardChoice.NEURAL_GAUSSIAN: lambda c, d, k: neural_gaussian(
-        d, width=c.width, depth=c.depth, delta=c.delta, key=k
-    ),
+    ForwardChoice.NEURAL_GAUSSIAN: _neural_gaussian,
     ForwardChoice.LINEAR: lambda c, d, k: LinearInterpolant(delta=c.delta),
     ForwardChoice.VP: lambda c, d, k: VariancePreserving(delta=c.delta),
     ForwardChoice.LEARNED_SCHEDULE: lambda c, d, k: LearnedSchedule(delta=c.delta, key=k),
@@ -233,7 +245,8 @@ def check_model_config(config: ModelConfig, *, forward_is_learnable: bool | None
 
 
 def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> NFDM:
-    """Build the NFDM described by `config` for examples of shape `data_shape` (vectors `(D,)`).
+    """Build the NFDM described by `config` for examples of shape `data_shape`: vectors `(D,)`
+    get MLP networks (`width`, `depth`), images `(H, W, C)` U-Nets (`channels`).
 
     Refuses a deterministic model (`volatility=zero`) with a learnable forward process and no
     curvature penalty: that objective can be cheated by a degenerate noise schedule (DESIGN §2.3).
@@ -241,17 +254,26 @@ def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> N
     if not isinstance(config, ModelConfig):
         raise ValueError(f"`config` must be a ModelConfig; got {type(config).__name__}.")
     data_shape = tuple(int(n) for n in data_shape)
-    if len(data_shape) != 1 or data_shape[0] < 1:
+    if len(data_shape) not in (1, 3) or min(data_shape) < 1:
         raise ValueError(
-            f"build_model supports vector data of shape (D,) with D >= 1; got {data_shape}."
+            f"build_model supports vectors of shape (D,) and images of shape (H, W, C); got "
+            f"{data_shape}."
         )
-    size = data_shape[0]
     forward_key, predictor_key, volatility_key = jr.split(key, 3)
-    forward = _FORWARD_BUILDERS[config.forward](config, size, forward_key)
+    forward = _FORWARD_BUILDERS[config.forward](config, data_shape, forward_key)
     check_model_config(config, forward_is_learnable=_is_learnable(forward))
-    predictor = mlp_predictor(
-        size, width=config.width, depth=config.depth, delta=config.delta, key=predictor_key
-    )
+    if len(data_shape) == 3:
+        predictor = unet_predictor(
+            data_shape, base_channels=config.channels, delta=config.delta, key=predictor_key
+        )
+    else:
+        predictor = mlp_predictor(
+            data_shape[0],
+            width=config.width,
+            depth=config.depth,
+            delta=config.delta,
+            key=predictor_key,
+        )
     volatility = _VOLATILITY_BUILDERS[config.volatility](config, volatility_key)
     return NFDM(forward, predictor, volatility, data_shape=data_shape)
 
