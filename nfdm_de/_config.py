@@ -256,8 +256,8 @@ def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> N
     data_shape = tuple(int(n) for n in data_shape)
     if len(data_shape) not in (1, 3) or min(data_shape) < 1:
         raise ValueError(
-            f"build_model supports vectors of shape (D,) and images of shape (H, W, C); got "
-            f"{data_shape}."
+            "build_model supports vector data of shape (D,) and image data of shape (H, W, C); "
+            f"got {data_shape}."
         )
     forward_key, predictor_key, volatility_key = jr.split(key, 3)
     forward = _FORWARD_BUILDERS[config.forward](config, data_shape, forward_key)

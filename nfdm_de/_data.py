@@ -384,7 +384,7 @@ def is_dataset_name(name: str) -> bool:
 def _npz_holds_images(path: str) -> bool:
     """An `.npz` is read as images when it has an `images` array, or a `data` array that is
     `uint8` of rank 2 (the downsampled-ImageNet layout, rows of channel-first bytes), or its data
-    array has rank 3 or 4; otherwise it holds vectors (N, D)."""
+    array is an integer array of rank 3 or 4; otherwise it holds vectors (N, D)."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = list(archive.files)
@@ -398,12 +398,11 @@ def _npz_holds_images(path: str) -> bool:
         return False
     if key == "data" and array.dtype == np.uint8 and array.ndim == 2:
         return True
-    return array.ndim in (3, 4)
+    return array.dtype.kind in "iu" and array.ndim in (3, 4)
 
 
 def _npy_holds_images(path: str) -> bool:
-    # Only the header: an object array (images of mixed shapes) is routed to the image reader,
-    # which names the problem, without unpickling anything.
+    # Only the header (nothing is unpickled or read): integer arrays of rank 3 or 4 are images.
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -413,13 +412,13 @@ def _npy_holds_images(path: str) -> bool:
                 shape, _, dtype = np.lib.format.read_array_header_2_0(f)
     except Exception:  # not a valid .npy: let the vector loader report it
         return False
-    return dtype.hasobject or len(shape) in (3, 4)
+    return dtype.kind in "iu" and len(shape) in (3, 4)
 
 
 def is_image_source(name_or_path: str) -> bool:
     """Whether `name_or_path` holds images (read as (N, H, W, C)) rather than vectors (N, D):
-    a built-in image set, a CIFAR-10 directory or `.bin` batch, an IDX file, an `.npy` of rank
-    3 or 4, or an image `.npz` (see `_npz_holds_images`)."""
+    a built-in image set, a CIFAR-10 directory or `.bin` batch, an IDX file, an integer `.npy`
+    of rank 3 or 4, or an image `.npz` (see `_npz_holds_images`)."""
     if name_or_path in IMAGE_DATASETS:
         return True
     if not is_file_reference(name_or_path):
@@ -459,6 +458,11 @@ def _load_array_file(path: str) -> np.ndarray:
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as error:  # numpy raises ValueError, OSError, BadZipFile, EOFError, ...
+        if "allow_pickle" in str(error):
+            raise ValueError(
+                f"cannot read data file {path!r}: it holds an object array (ragged rows or "
+                "images of mixed shapes); expected one numeric array of a single shape."
+            ) from None
         raise ValueError(f"cannot read data file {path!r}: {error}") from None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
@@ -473,6 +477,11 @@ def _load_array_file(path: str) -> np.ndarray:
             try:
                 array = loaded[key]
             except Exception as error:  # a damaged member: zlib/zipfile/ValueError
+                if "allow_pickle" in str(error):
+                    raise ValueError(
+                        f"cannot read array {key!r} of {path!r}: an object array (ragged rows "
+                        "or images of mixed shapes); expected one numeric array of one shape."
+                    ) from None
                 raise ValueError(f"cannot read array {key!r} of {path!r}: {error}") from None
     else:
         array = loaded
