@@ -140,6 +140,15 @@ def nll(
                 f"{str(run_dir)!r} was trained on images of shape {data_shape}."
             )
         dims = math.prod(data_shape)
+        if run.num_levels is not None:
+            # Checked here, before any output, so bad data is one line (not a half-drawn bar).
+            levels = int(run.num_levels)
+            low, high = float(x.min()), float(x.max())
+            if not np.all(x == np.rint(x)) or low < 0 or high >= levels:
+                raise ValueError(
+                    f"data {data!r} must be integers in [0, {levels}) for this run "
+                    f"(num_levels={levels}); got values in [{low:g}, {high:g}]."
+                )
         if trace is None:
             # The exact trace costs D Jacobian-vector products per evaluation.
             trace = Trace.exact if dims <= 64 else Trace.hutchinson

@@ -148,6 +148,7 @@ def test_digits_images_sample_plot(digits_run, tmp_path):
     assert out["plot"] == str(tmp_path / "grid.png") and png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_train_on_idx_file(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(20, 9, 9), dtype=np.uint8)
@@ -170,6 +171,7 @@ def test_train_on_idx_file(tmp_path):
     assert out["bpd"] == pytest.approx(out["nll"] / (81 * math.log(2)), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_train_on_cifar_batch(tmp_path):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
