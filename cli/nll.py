@@ -46,7 +46,10 @@ def nll(
     run_dir: Annotated[Path, typer.Option(help="Run directory written by `nfdm-de train`.")],
     data: Annotated[
         str,
-        typer.Option(help="Built-in dataset name (its test split) or a .npy/.npz file (N, D)."),
+        typer.Option(
+            help="Built-in dataset name (its test split), a .npy/.npz file (N, D), or image "
+            "data (a CIFAR-10 directory gives its test batch)."
+        ),
     ],
     method: Annotated[
         Method | None,
@@ -56,8 +59,12 @@ def nll(
         ),
     ] = None,
     trace: Annotated[
-        Trace, typer.Option(help="Divergence of the ODE: exact or hutchinson.")
-    ] = Trace.exact,
+        Trace | None,
+        typer.Option(
+            help="Divergence of the ODE: exact or hutchinson (default: exact up to 64 "
+            "dimensions, hutchinson above, e.g. images)."
+        ),
+    ] = None,
     probes: Annotated[int, typer.Option(help="Hutchinson probes per example.")] = 1,
     solver: Annotated[
         str,
@@ -139,13 +146,32 @@ def nll(
         x = nd.load_dataset(data, split="test", num=num)
         if num is not None:
             x = x[:num]
-        x = x.reshape(x.shape[0], -1)
-        if x.shape[1:] != tuple(model.data_shape):
+        data_shape = tuple(model.data_shape)
+        if len(data_shape) == 1:
+            x = x.reshape(x.shape[0], -1)
+            if x.shape[1:] != data_shape:
+                raise ValueError(
+                    f"data {data!r} have {x.shape[1]} dimensions per example; the model of "
+                    f"{str(run_dir)!r} was trained on {math.prod(data_shape)}."
+                )
+        elif x.shape[1:] != data_shape:
             raise ValueError(
-                f"data {data!r} have {x.shape[1]} dimensions per example; the model of "
-                f"{str(run_dir)!r} was trained on {math.prod(model.data_shape)}."
+                f"data {data!r} have examples of shape {x.shape[1:]}; the model of "
+                f"{str(run_dir)!r} was trained on images of shape {data_shape}."
             )
-        dims = math.prod(model.data_shape)
+        dims = math.prod(data_shape)
+        if run.num_levels is not None:
+            # Checked here, before any output, so bad data is one line (not a half-drawn bar).
+            levels = int(run.num_levels)
+            low, high = float(x.min()), float(x.max())
+            if not np.all(x == np.rint(x)) or low < 0 or high >= levels:
+                raise ValueError(
+                    f"data {data!r} must be integers in [0, {levels}) for this run "
+                    f"(num_levels={levels}); got values in [{low:g}, {high:g}]."
+                )
+        if trace is None:
+            # The exact trace costs D Jacobian-vector products per evaluation.
+            trace = Trace.exact if dims <= 64 else Trace.hutchinson
         dequantization = None
         if run.num_levels is not None:
             # s = (y - shift) / scale with y = (x + u) / K: the run's transform as a dequantizer.

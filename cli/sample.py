@@ -21,14 +21,27 @@ def _to_data_units(run, z):
     return x
 
 
-def _plot(path, samples, reference, trajectories):
+def _plot(path, samples, reference, trajectories, num_levels=None):
     import math
+
+    import numpy as np
+
+    if samples.ndim == 4:  # images (N, H, W, C), integer levels: the library's grid writer
+        import nfdm_de as nd
+
+        channels = samples.shape[-1]
+        if channels not in (1, 3):
+            raise ValueError(f"--plot draws images with 1 or 3 channels; got {channels}.")
+        count = min(64, samples.shape[0])
+        nd.save_image_grid(
+            np.rint(samples[:count]).astype(np.uint8), path, num_levels=num_levels or 256
+        )
+        return
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     dim = samples.shape[1]
     side = math.isqrt(dim)
@@ -216,7 +229,7 @@ def sample(
                 count = min(num, _TRAJECTORY_PATHS)
                 _, path, _ = nd.sample_trajectories(run.model, key, count, **settings)
                 paths = _to_data_units(run, path.reshape(-1, dim)).reshape(-1, count, dim)
-            _plot(os.fspath(plot), samples, reference_data, paths)
+            _plot(os.fspath(plot), samples, reference_data, paths, run.num_levels)
             summary["plot"] = os.fspath(plot)
     except (ValueError, RuntimeError, OSError) as error:
         fail(error)

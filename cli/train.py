@@ -62,8 +62,8 @@ def _resolve(base, settings: dict[str, Any]):
                 raise ValueError(f"unknown {name} {value!r}; expected one of: {choices}.") from None
     for field in ("data", "source"):
         data = settings.get(field)
-        if isinstance(data, str) and data not in nd.DATASETS:
-            if data.endswith((".npy", ".npz")) or os.sep in data:
+        if isinstance(data, str) and not nd.is_dataset_name(data):
+            if nd.is_file_reference(data):
                 settings = {**settings, field: os.path.abspath(data)}
             else:
                 nd.get_dataset(data)  # raises the "unknown dataset" message
@@ -73,7 +73,11 @@ def _resolve(base, settings: dict[str, Any]):
 def train(
     data: Annotated[
         str | None,
-        typer.Option(help="Built-in dataset name (rings, two-moons, ...) or a .npy/.npz file."),
+        typer.Option(
+            help="Built-in dataset (rings, two-moons, digits, digits-images, ...), a .npy/.npz "
+            "file (N, D), or images: IDX (.gz or raw), a CIFAR-10 directory or .bin batch, an "
+            "ImageNet-style .npz, a uint8 .npy/.npz of rank 3-4."
+        ),
     ] = None,
     source: Annotated[
         str | None,
@@ -106,6 +110,9 @@ def train(
     forward_depth: Annotated[
         int | None,
         typer.Option(help="Hidden layers of the learnable forward process's network (default 2)."),
+    ] = None,
+    channels: Annotated[
+        int | None, typer.Option(help="Base channels of the U-Nets (image data; default 8).")
     ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Random seed (model, data order, noise).")
@@ -165,6 +172,7 @@ def train(
         "depth": depth,
         "forward_width": forward_width,
         "forward_depth": forward_depth,
+        "channels": channels,
         "seed": seed,
         "warmup": warmup,
         "schedule": schedule,

@@ -33,6 +33,7 @@ from ._config import (
 )
 from ._data import (
     DATASETS as DATASETS,
+    IMAGE_DATASETS as IMAGE_DATASETS,
     AbstractDataset as AbstractDataset,
     AffineDataTransform as AffineDataTransform,
     Checkerboard as Checkerboard,
@@ -46,7 +47,11 @@ from ._data import (
     dataset_num_levels as dataset_num_levels,
     dequantise as dequantise,
     get_dataset as get_dataset,
+    is_dataset_name as is_dataset_name,
+    is_file_reference as is_file_reference,
+    is_image_source as is_image_source,
     load_dataset as load_dataset,
+    load_images as load_images,
 )
 from ._flow import (
     NeuralFlow as NeuralFlow,

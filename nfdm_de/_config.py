@@ -24,6 +24,7 @@ from ._forward import (
 )
 from ._model import NFDM
 from ._nn import mlp_predictor
+from ._unet import unet_neural_gaussian, unet_predictor
 from ._volatility import (
     AbstractVolatility,
     ConstantVolatility,
@@ -63,13 +64,14 @@ class ModelConfig:
 
     - `forward`, `volatility`: which forward process and volatility (see the Enums).
     - `curvature`: weight lambda of the NFDM-OT curvature penalty (DESIGN §2.4).
-    - `width`, `depth`: hidden width and number of hidden layers of the MLPs (the predictor's;
-      the forward network's too where `forward_width`/`forward_depth` are None).
+    - `width`, `depth`: hidden width and number of hidden layers of the MLPs (vector data; the
+      predictor's, and the forward network's too where `forward_width`/`forward_depth` are None).
     - `forward_width`, `forward_depth`: the learnable forward process's network (None: the same
       as the predictor's). The default 2x48 is smaller than the predictor because the forward
       network runs twice per example, each time with its time derivative (a JVP): about four
       network passes against the predictor's one, so an equal-size forward network makes a train
       step ~3-5x the baseline's; 2x48 keeps it under 2x (profile and figures in docs/ot.md).
+    - `channels`: base channel count of the U-Nets (image data; the MLP settings are unused).
     - `delta`: noise scale at t = 0 (the boundary condition F(eps, 0, x) = x + delta eps).
     - `volatility_value`: g for `constant`, the initial g for `learned`.
     - `time_power`: importance sampling of t in the objective, t = u^time_power with weights
@@ -85,6 +87,7 @@ class ModelConfig:
     depth: int = 3
     forward_width: int | None = 48
     forward_depth: int | None = 2
+    channels: int = 8
     delta: float = 0.01
     volatility_value: float = 1.0
     time_power: float = 3.0
@@ -97,6 +100,7 @@ class ModelConfig:
         for name in ("forward_width", "forward_depth"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
+        _check_positive_int("channels", self.channels)
         if not (_is_real(self.curvature) and math.isfinite(self.curvature) and self.curvature >= 0):
             raise ValueError(f"`curvature` must be a finite number >= 0; got {self.curvature!r}.")
         if not (_is_real(self.delta) and 0 < self.delta < 1):
@@ -219,16 +223,39 @@ def config_differences(stored: TrainConfig, given: TrainConfig) -> list[str]:
 
 # --- model construction -------------------------------------------------------------------------
 
-# The one place that maps a ForwardChoice to a forward process: (config, data size, key) -> process.
-_FORWARD_BUILDERS: dict[ForwardChoice, Callable[[ModelConfig, int, Key], AbstractForwardProcess]]
+
+def _vector_size(shape, what: str) -> int:
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if len(shape) != 1:
+        raise ValueError(f"the {what} forward process works on vectors; got data of shape {shape}.")
+    return shape[0]
+
+
+def _neural_gaussian(c: ModelConfig, shape, k: Key) -> AbstractForwardProcess:
+    # Vectors (an int D, or the shape (D,)) get the MLP, images (H, W, C) the U-Net.
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if len(shape) == 3:
+        return unet_neural_gaussian(shape, base_channels=c.channels, delta=c.delta, key=k)
+    return neural_gaussian(
+        shape[0],
+        width=c.resolved_forward_width,
+        depth=c.resolved_forward_depth,
+        delta=c.delta,
+        key=k,
+    )
+
+
+# The one place that maps a ForwardChoice to a forward process:
+# (config, data shape (or size D), key) -> process.
+_FORWARD_BUILDERS: dict[ForwardChoice, Callable[[ModelConfig, Any, Key], AbstractForwardProcess]]
 _FORWARD_BUILDERS = {
-    ForwardChoice.NEURAL_GAUSSIAN: lambda c, d, k: neural_gaussian(
-        d, width=c.resolved_forward_width, depth=c.resolved_forward_depth, delta=c.delta, key=k
-    ),
+    ForwardChoice.NEURAL_GAUSSIAN: _neural_gaussian,
     ForwardChoice.LINEAR: lambda c, d, k: LinearInterpolant(delta=c.delta),
     ForwardChoice.VP: lambda c, d, k: VariancePreserving(delta=c.delta),
     ForwardChoice.LEARNED_SCHEDULE: lambda c, d, k: LearnedSchedule(delta=c.delta, key=k),
-    ForwardChoice.NEURAL_FLOW: lambda c, d, k: neural_flow(d, delta=c.delta, key=k),
+    ForwardChoice.NEURAL_FLOW: lambda c, d, k: neural_flow(
+        _vector_size(d, "neural-flow"), delta=c.delta, key=k
+    ),
 }
 
 _VOLATILITY_BUILDERS: dict[VolatilityChoice, Callable[[ModelConfig, Key], AbstractVolatility]]
@@ -275,7 +302,8 @@ def check_model_config(config: ModelConfig, *, forward_is_learnable: bool | None
 
 
 def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> NFDM:
-    """Build the NFDM described by `config` for examples of shape `data_shape` (vectors `(D,)`).
+    """Build the NFDM described by `config` for examples of shape `data_shape`: vectors `(D,)`
+    get MLP networks (`width`, `depth`), images `(H, W, C)` U-Nets (`channels`).
 
     Refuses a deterministic model (`volatility=zero`) with a learnable forward process and no
     curvature penalty: that objective can be cheated by a degenerate noise schedule (DESIGN §2.3).
@@ -283,17 +311,26 @@ def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> N
     if not isinstance(config, ModelConfig):
         raise ValueError(f"`config` must be a ModelConfig; got {type(config).__name__}.")
     data_shape = tuple(int(n) for n in data_shape)
-    if len(data_shape) != 1 or data_shape[0] < 1:
+    if len(data_shape) not in (1, 3) or min(data_shape) < 1:
         raise ValueError(
-            f"build_model supports vector data of shape (D,) with D >= 1; got {data_shape}."
+            "build_model supports vector data of shape (D,) and image data of shape (H, W, C); "
+            f"got {data_shape}."
         )
-    size = data_shape[0]
     forward_key, predictor_key, volatility_key = jr.split(key, 3)
-    forward = _FORWARD_BUILDERS[config.forward](config, size, forward_key)
+    forward = _FORWARD_BUILDERS[config.forward](config, data_shape, forward_key)
     check_model_config(config, forward_is_learnable=_is_learnable(forward))
-    predictor = mlp_predictor(
-        size, width=config.width, depth=config.depth, delta=config.delta, key=predictor_key
-    )
+    if len(data_shape) == 3:
+        predictor = unet_predictor(
+            data_shape, base_channels=config.channels, delta=config.delta, key=predictor_key
+        )
+    else:
+        predictor = mlp_predictor(
+            data_shape[0],
+            width=config.width,
+            depth=config.depth,
+            delta=config.delta,
+            key=predictor_key,
+        )
     volatility = _VOLATILITY_BUILDERS[config.volatility](config, volatility_key)
     return NFDM(forward, predictor, volatility, data_shape=data_shape)
 

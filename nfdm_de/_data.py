@@ -31,23 +31,25 @@ from ._custom_types import Key, Scalar
 class AffineDataTransform(eqx.Module):
     """z = to_model(x) = (x - shift) / scale, elementwise; `log_det` is log|det d z / d x|.
 
-    Works on one example `(D,)` and, by broadcasting, on a batch `(N, D)`.
+    `shift` and `scale` have the shape of one example: `(D,)` for vectors, `(H, W, C)` for
+    images. Works on one example and, by broadcasting, on a batch `(N, *shape)`.
     """
 
-    shift: Float[Array, " dim"]
-    scale: Float[Array, " dim"]
+    shift: Float[Array, " *shape"]
+    scale: Float[Array, " *shape"]
 
     def __check_init__(self):
-        if self.shift.shape != self.scale.shape or self.shift.ndim != 1:
+        if self.shift.shape != self.scale.shape or self.shift.ndim < 1:
             raise ValueError(
-                f"AffineDataTransform needs shift and scale of one shape (D,); got "
-                f"{self.shift.shape} and {self.scale.shape}."
+                f"AffineDataTransform needs shift and scale of one example's shape ((D,) or "
+                f"(H, W, C)); got {self.shift.shape} and {self.scale.shape}."
             )
 
     @classmethod
-    def identity(cls, dim: int, dtype=None) -> "AffineDataTransform":
+    def identity(cls, shape: int | tuple[int, ...], dtype=None) -> "AffineDataTransform":
         dtype = dtype or jnp.result_type(float)
-        return cls(jnp.zeros((dim,), dtype), jnp.ones((dim,), dtype))
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        return cls(jnp.zeros(shape, dtype), jnp.ones(shape, dtype))
 
     @classmethod
     def standardise(cls, x, *, min_scale: float = 1e-6) -> "AffineDataTransform":
@@ -58,10 +60,10 @@ class AffineDataTransform(eqx.Module):
         dtype = jnp.result_type(float)
         return cls(jnp.asarray(shift, dtype), jnp.asarray(scale, dtype))
 
-    def to_model(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+    def to_model(self, x: Float[Array, "..."]) -> Float[Array, "..."]:
         return (x - self.shift) / self.scale
 
-    def from_model(self, z: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+    def from_model(self, z: Float[Array, "..."]) -> Float[Array, "..."]:
         return z * self.scale + self.shift
 
     def log_det(self, x=None) -> Scalar:
@@ -336,7 +338,8 @@ def get_dataset(name: str) -> AbstractDataset:
     """The built-in dataset called `name` (see `DATASETS`)."""
     if name not in DATASETS:
         raise ValueError(
-            f"unknown dataset {name!r}; expected a .npy/.npz file or one of: {', '.join(DATASETS)}."
+            f"unknown dataset {name!r}; expected a data file or one of: "
+            f"{', '.join([*DATASETS, *IMAGE_DATASETS])}."
         )
     return DATASETS[name]()
 
@@ -347,8 +350,104 @@ _SPLIT_STREAM = {"train": 0, "test": 1}
 
 
 def is_file_reference(name_or_path: str) -> bool:
-    """True if `name_or_path` names a file rather than a built-in dataset."""
-    return name_or_path.endswith((".npy", ".npz")) or os.sep in name_or_path
+    """True if `name_or_path` names a file (or a CIFAR-10 directory) rather than a built-in
+    dataset."""
+    if name_or_path in DATASETS or name_or_path in IMAGE_DATASETS:
+        return False
+    return (
+        name_or_path.endswith((".npy", ".npz", ".bin", ".gz", ".idx", "-ubyte"))
+        or os.sep in name_or_path
+        or os.path.isdir(name_or_path)
+    )
+
+
+# Built-in image datasets: name -> split -> ImageData. Kept apart from `DATASETS` (whose members
+# are vector sets with `sample`/`log_prob`).
+def _digits_images(split: str):
+    from ._image_io import ImageData, load_digits_images
+
+    data = load_digits_images()
+    order = np.random.default_rng(0).permutation(data.images.shape[0])  # as `_digits_split`
+    num_test = data.images.shape[0] // 5
+    rows = order[num_test:] if split == "train" else order[:num_test]
+    return ImageData(data.images[rows], data.num_levels, data.labels[rows])
+
+
+IMAGE_DATASETS: dict[str, Callable[[str], object]] = {"digits-images": _digits_images}
+
+
+def is_dataset_name(name: str) -> bool:
+    """True for a built-in dataset name (vector or image)."""
+    return name in DATASETS or name in IMAGE_DATASETS
+
+
+def _npz_holds_images(path: str) -> bool:
+    """An `.npz` is read as images when it has an `images` array, or a `data` array that is
+    `uint8` of rank 2 (the downsampled-ImageNet layout, rows of channel-first bytes), or its data
+    array is an integer array of rank 3 or 4; otherwise it holds vectors (N, D)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = list(archive.files)
+            if "images" in names:
+                return True
+            if not names:
+                return False
+            key = "x" if "x" in names else ("data" if "data" in names else names[0])
+            array = archive[key]
+    except Exception:  # unreadable: let the vector loader report it
+        return False
+    if key == "data" and array.dtype == np.uint8 and array.ndim == 2:
+        return True
+    return array.dtype.kind in "iu" and array.ndim in (3, 4)
+
+
+def _npy_holds_images(path: str) -> bool:
+    # Only the header (nothing is unpickled or read): integer arrays of rank 3 or 4 are images.
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    except Exception:  # not a valid .npy: let the vector loader report it
+        return False
+    return dtype.kind in "iu" and len(shape) in (3, 4)
+
+
+def is_image_source(name_or_path: str) -> bool:
+    """Whether `name_or_path` holds images (read as (N, H, W, C)) rather than vectors (N, D):
+    a built-in image set, a CIFAR-10 directory or `.bin` batch, an IDX file, an integer `.npy`
+    of rank 3 or 4, or an image `.npz` (see `_npz_holds_images`)."""
+    if name_or_path in IMAGE_DATASETS:
+        return True
+    if not is_file_reference(name_or_path):
+        return False
+    from ._image_io import _is_idx_name
+
+    base = os.path.basename(name_or_path.rstrip(os.sep)).lower()
+    if os.path.isdir(name_or_path) or base.endswith(".bin") or _is_idx_name(base):
+        return True
+    if not os.path.isfile(name_or_path):
+        return False
+    if base.endswith(".npy"):
+        return _npy_holds_images(name_or_path)
+    if base.endswith(".npz"):
+        return _npz_holds_images(name_or_path)
+    return False
+
+
+def load_images(name_or_path: str, *, split: str = "train"):
+    """The `ImageData` (uint8 (N, H, W, C), `num_levels`) of a built-in image set or an image
+    file. `split` picks the built-in set's held-out split or a CIFAR-10 directory's test batch;
+    a single file is used as it is for either split (pass a separate test file)."""
+    if split not in _SPLIT_STREAM:
+        raise ValueError(f"`split` must be 'train' or 'test'; got {split!r}.")
+    if name_or_path in IMAGE_DATASETS:
+        return IMAGE_DATASETS[name_or_path](split)
+    from ._image_io import read_images
+
+    return read_images(name_or_path, split=split)
 
 
 def _load_array_file(path: str) -> np.ndarray:
@@ -359,6 +458,11 @@ def _load_array_file(path: str) -> np.ndarray:
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as error:  # numpy raises ValueError, OSError, BadZipFile, EOFError, ...
+        if "allow_pickle" in str(error):
+            raise ValueError(
+                f"cannot read data file {path!r}: it holds an object array (ragged rows or "
+                "images of mixed shapes); expected one numeric array of a single shape."
+            ) from None
         raise ValueError(f"cannot read data file {path!r}: {error}") from None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
@@ -373,6 +477,11 @@ def _load_array_file(path: str) -> np.ndarray:
             try:
                 array = loaded[key]
             except Exception as error:  # a damaged member: zlib/zipfile/ValueError
+                if "allow_pickle" in str(error):
+                    raise ValueError(
+                        f"cannot read array {key!r} of {path!r}: an object array (ragged rows "
+                        "or images of mixed shapes); expected one numeric array of one shape."
+                    ) from None
                 raise ValueError(f"cannot read array {key!r} of {path!r}: {error}") from None
     else:
         array = loaded
@@ -412,13 +521,18 @@ def _compiled_sampler(n: int):
 def load_dataset(
     name_or_path: str, *, split: str = "train", num: int | None = None, seed: int = 0
 ) -> np.ndarray:
-    """Data in the data's own units, as a float64 numpy array of shape (N, D).
+    """Data in the data's own units, as a float64 numpy array of shape (N, D) (vectors) or
+    (N, H, W, C) (images, integer values in [0, K)).
 
     - built-in toy sets: `num` fresh samples (default 50,000 for train and 10,000 for test),
       drawn from `seed`; the test split uses a different random stream than the train split, so
       it is held out.
-    - `digits`: the fixed 80/20 train/test split of the 1,797 images, integers in [0, 17).
-    - a `.npy`/`.npz` file of shape (N, D) (`split` is ignored: pass a separate test file).
+    - `digits`: the fixed 80/20 train/test split of the 1,797 images, integers in [0, 17), as
+      64-vectors; `digits-images`: the same split as (8, 8, 1) images.
+    - a `.npy`/`.npz` file of shape (N, D) (`split` is ignored: pass a separate test file);
+    - image files (`is_image_source`): IDX (raw or gzip), CIFAR-10 batches (a directory: `split`
+      picks the training batches or `test_batch.bin`), downsampled-ImageNet `.npz`, `uint8`
+      `.npy`/`.npz` of rank 3 or 4.
 
     `num`, when given for a finite set, takes the first `num` rows.
     """
@@ -426,7 +540,9 @@ def load_dataset(
         raise ValueError(f"`split` must be 'train' or 'test'; got {split!r}.")
     if num is not None and not (isinstance(num, int) and num > 0):
         raise ValueError(f"`num` must be a positive integer or None; got {num!r}.")
-    if is_file_reference(name_or_path):
+    if is_image_source(name_or_path):
+        array = load_images(name_or_path, split=split).images.astype(np.float64)
+    elif is_file_reference(name_or_path):
         array = check_data_array(_load_array_file(name_or_path), f"data file {name_or_path!r}")
     elif name_or_path == Digits.name:
         array = _digits_split(split)
@@ -439,7 +555,12 @@ def load_dataset(
 
 
 def dataset_num_levels(name_or_path: str) -> int | None:
-    """K for integer data in [0, K) that is dequantised in training (digits: 17), else None."""
+    """K for integer data in [0, K) that is dequantised in training (digits: 17, image files:
+    256), else None."""
+    if name_or_path in IMAGE_DATASETS:
+        return IMAGE_DATASETS[name_or_path]("train").num_levels
+    if is_image_source(name_or_path):
+        return 256  # every image file format holds bytes
     if is_file_reference(name_or_path):
         return None
     return get_dataset(name_or_path).num_levels
@@ -448,19 +569,20 @@ def dataset_num_levels(name_or_path: str) -> int | None:
 def fit_transform(name_or_path: str, train: np.ndarray) -> AffineDataTransform:
     """The map into model space, computed on the training data only.
 
-    Continuous data are standardised per dimension. Integer data in [0, K) are first dequantised
-    to y = (x + u) / K in [0, 1) by the pipeline; the transform then maps y with one scalar
-    scale and shift for all dimensions (DESIGN §2.6: s = a y + b), fitted to the dequantised
-    training data (mean of (x + 1/2) / K, its standard deviation).
+    Continuous data are standardised per dimension. Integer data in [0, K) (digits, images) are
+    first dequantised to y = (x + u) / K in [0, 1) by the pipeline; the transform then maps y
+    with one scalar scale and shift for all dimensions (DESIGN §2.6: s = a y + b), fitted to the
+    dequantised training data (mean of (x + 1/2) / K, its standard deviation), and stored with
+    the shape of one example.
     """
     levels = dataset_num_levels(name_or_path)
     if levels is None:
         return AffineDataTransform.standardise(train)
     y = (train + 0.5) / levels
     dtype = jnp.result_type(float)
-    dim = train.shape[1]
-    shift = jnp.full((dim,), y.mean(), dtype)
-    scale = jnp.full((dim,), max(float(y.std()), 1e-6), dtype)
+    shape = train.shape[1:]
+    shift = jnp.full(shape, y.mean(), dtype)
+    scale = jnp.full(shape, max(float(y.std()), 1e-6), dtype)
     return AffineDataTransform(shift, scale)
 
 
@@ -497,8 +619,10 @@ def batch_dataset(
     `rows` keeps only that slice of every global batch (one process's share in a multi-process
     run; only those rows are gathered).
     """
-    if array.ndim != 2:
-        raise ValueError(f"expected a training array of shape (N, D); got {array.shape}.")
+    if array.ndim < 2:
+        raise ValueError(
+            f"expected a training array of shape (N, D) or (N, H, W, C); got {array.shape}."
+        )
     indices = grain.MapDataset.range(array.shape[0]).shuffle(seed=seed).repeat()
     batches = indices.batch(batch_size)
     if rows is not None:

@@ -52,6 +52,7 @@ from ._config import (
     config_differences,
 )
 from ._data import (
+    IMAGE_DATASETS,
     AffineDataTransform,
     batch_dataset,
     dataset_num_levels,
@@ -161,7 +162,7 @@ def init_train_state(
     optimizer = make_optimizer(config.optim)
     opt_state = optimizer.init(_params(model))
     if transform is None:
-        transform = AffineDataTransform.identity(data_shape[0])
+        transform = AffineDataTransform.identity(tuple(data_shape))
     return TrainState(model, model, opt_state, jr.key_data(train_key), transform, source_transform)
 
 
@@ -171,7 +172,7 @@ def init_train_state(
 @eqx.filter_jit
 def train_step(
     state: TrainState,
-    batch: Float[Array, " batch dim"],
+    batch: Float[Array, " batch *shape"],
     step: Array,
     lr: Array,
     optimizer: optax.GradientTransformation,
@@ -460,7 +461,8 @@ def train(
     end = config.steps if stop_at is None else min(stop_at, config.steps)
 
     # Validate the data before creating anything on disk.
-    num = None if is_file_reference(config.data) or config.data == "digits" else config.num_train
+    finite = is_file_reference(config.data) or config.data in ("digits", *IMAGE_DATASETS)
+    num = None if finite else config.num_train
     data = load_dataset(config.data, split="train", num=num, seed=config.seed)
     num_levels = dataset_num_levels(config.data)
     data_shape = data.shape[1:]
@@ -512,7 +514,7 @@ def train(
             _truncate_metrics(metrics_path, 0)
     log(
         f"training {config.model.forward.value} / {config.model.volatility.value} on "
-        f"{config.data} ({data.shape[0]} examples of dimension {data.shape[1]}) to step {end} "
+        f"{config.data} ({data.shape[0]} examples of shape {data_shape}) to step {end} "
         f"-> {run_dir}"
     )
     # Every process has checked the run directory (and read a checkpoint) before any writes.
