@@ -52,6 +52,7 @@ from ._data import (
     is_image_source as is_image_source,
     load_dataset as load_dataset,
     load_images as load_images,
+    true_nll as true_nll,
 )
 from ._flow import (
     NeuralFlow as NeuralFlow,

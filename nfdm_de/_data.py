@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import Key, Scalar
 
@@ -342,6 +342,18 @@ def get_dataset(name: str) -> AbstractDataset:
             f"{', '.join([*DATASETS, *IMAGE_DATASETS])}."
         )
     return DATASETS[name]()
+
+
+def true_nll(name: str, x: Float[ArrayLike, " n *shape"]) -> np.ndarray | None:
+    """-log p(x) per example under the built-in dataset `name`'s true density, in nats; None for
+    a file or a dataset without a known density. Used to report an NLL's gap to the truth."""
+    if name not in DATASETS:
+        return None
+    dataset = DATASETS[name]()
+    if not dataset.has_log_prob:
+        return None
+    x = jnp.asarray(x, jnp.result_type(float))
+    return -np.asarray(jax.jit(jax.vmap(dataset.log_prob))(x), np.float64)
 
 
 # --- loading ------------------------------------------------------------------------------------

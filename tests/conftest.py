@@ -1,11 +1,26 @@
 """Shared fixtures. Identities are checked in float64 (DESIGN §6); the suite runs on CPU."""
 
 import itertools
+import os
+from pathlib import Path
 
-import jax
+# A persistent XLA compilation cache shared by the test process, its xdist workers and the CLI
+# subprocesses the tests launch (they inherit the environment): the suite compiles the same
+# small training steps and solves many times over, and compilation dominates its run time.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".jax_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import jax  # noqa: E402
 import jax.random as jr
 import pytest
 
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "standard")
 

@@ -101,13 +101,19 @@ def test_nll_default_method_is_what_the_model_optimises(runs, tmp_path):
         assert key in bound
     assert "nll" in result.stderr  # the progress bar's label
     per_example = tmp_path / "pe.npy"
-    both, _ = _invoke_json([*base, "--method", "both", "--per-example", str(per_example)])
+    both, both_result = _invoke_json([*base, "--method", "both", "--per-example", str(per_example)])
     assert both["method"] == "both" and both["default_method"] == "bound"
     assert both["nll"] == both["nll_bound"] == pytest.approx(bound["nll"], abs=1e-9)
     assert math.isfinite(both["nll_ode"]) and both["nll_ode_stderr"] > 0
     assert both["bpd_ode"] == pytest.approx(both["nll_ode"] / (2 * math.log(2)))
     values = np.load(per_example)
     assert values.shape == (40,) and np.mean(values) == pytest.approx(both["nll"])
+    # Rings has a known density: the truth on the same held-out points, and the gap to it.
+    held_out = nd.load_dataset("rings", split="test", num=40)
+    truth = -np.mean([float(nd.get_dataset("rings").log_prob(jnp.asarray(p))) for p in held_out])
+    assert both["true_nll"] == pytest.approx(truth, rel=1e-9)
+    assert both["gap"] == pytest.approx(both["nll"] - truth, rel=1e-9)
+    assert all(s in both_result.stderr for s in ("gap to the true NLL", "ODE NLL", "bound"))
 
 
 def test_nll_corrects_for_the_data_transform(runs):

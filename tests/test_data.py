@@ -231,3 +231,11 @@ def test_pipeline_order(getkey):
     restored.set_state(state)
     for e in expected:
         np.testing.assert_array_equal(next(restored), e)
+
+
+def test_true_nll_only_for_built_in_known_densities():
+    x = nd.load_dataset("two-moons", split="test", num=5)
+    expected = [-float(nd.get_dataset("two-moons").log_prob(jnp.asarray(p))) for p in x]
+    np.testing.assert_allclose(nd.true_nll("two-moons", x), expected, rtol=1e-10)
+    assert nd.true_nll("digits", np.zeros((2, 64))) is None
+    assert nd.true_nll("some/file.npy", np.zeros((2, 2))) is None

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 import nfdm_de as nd
 from cli.main import app
+from cli.nll import BOUND_TIME_POWER
 
 runner = CliRunner()
 TINY = ["--steps", "3", "--batch-size", "16", "--channels", "2", "--warmup", "1"]
@@ -115,7 +116,12 @@ def test_digits_images_nll_reports_bits_per_dim(digits_run):
     x = nd.load_dataset("digits-images", split="test", num=num)
     x = jnp.asarray(np.rint(x).astype(np.int32))
     bound, _ = nd.variational_bound(
-        run.model, x, key=jr.fold_in(jr.key(0), 0), num_samples=samples, dequantization=deq
+        run.model,
+        x,
+        key=jr.fold_in(jr.key(0), 0),
+        num_samples=samples,
+        dequantization=deq,
+        time_power=BOUND_TIME_POWER,
     )
     assert out["nll"] == pytest.approx(float(jnp.mean(bound.value)), rel=1e-10)
     offset = 64 * math.log(float(scale[0, 0, 0])) - 64 * math.log(17)
