@@ -6,6 +6,7 @@ NLL of the same held-out points (the KL divergence from the truth plus Monte Car
 0 is perfect and smaller is better.
 """
 
+import argparse
 import dataclasses
 import json
 import math
@@ -48,6 +49,24 @@ class Budget:
     depth: int
     lr: float | None = None  # None: the library default (OptimConfig.lr)
     seed: int = 0
+
+
+def budget_parser(doc: str | None, *, sets: str, methods: str) -> argparse.ArgumentParser:
+    """The flags both density benchmarks share: the training budget, the held-out size, the
+    sets and methods to run."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument(
+        "--lr", type=float, default=None, help="peak lr (default: the library default)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-test", type=int, default=1000)
+    parser.add_argument("--sets", default=sets)
+    parser.add_argument("--methods", default=methods)
+    return parser
 
 
 def true_nll(name: str, x: np.ndarray) -> np.ndarray:

@@ -11,7 +11,6 @@ trace, Dopri5 at rtol = atol = 1e-5), mean ± standard error over the held-out p
 training seconds. Then the mean gap per method over the sets.
 """
 
-import argparse
 import sys
 
 import numpy as np
@@ -19,6 +18,7 @@ from _density_common import (
     DEFAULT_SETS,
     NFDM_METHODS,
     Budget,
+    budget_parser,
     fmt,
     gap,
     nfdm_nll,
@@ -33,20 +33,9 @@ DENSITY_METHODS = ("nfdm", "vp", "learned-schedule", "linear")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    parser = budget_parser(
+        __doc__, sets=",".join(DEFAULT_SETS[:5] + ("gmm-10d",)), methods=",".join(DENSITY_METHODS)
     )
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--depth", type=int, default=3)
-    parser.add_argument(
-        "--lr", type=float, default=None, help="peak lr (default: the library default)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-test", type=int, default=1000)
-    parser.add_argument("--sets", default=",".join(DEFAULT_SETS[:5] + ("gmm-10d",)))
-    parser.add_argument("--methods", default=",".join(DENSITY_METHODS))
     args = parser.parse_args(argv)
     budget = Budget(args.steps, args.batch, args.width, args.depth, args.lr, args.seed)
     sets = [s for s in args.sets.split(",") if s]

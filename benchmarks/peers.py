@@ -24,7 +24,6 @@ Prints a Markdown table of held-out NLL gaps to the true NLL (nats, mean ± s.e.
 points) with training and evaluation seconds, then mean gaps per method over the sets.
 """
 
-import argparse
 import math
 import sys
 import time
@@ -33,6 +32,7 @@ import numpy as np
 from _density_common import (
     NFDM_METHODS,
     Budget,
+    budget_parser,
     fmt,
     gap,
     nfdm_nll,
@@ -164,20 +164,7 @@ def train_gmm(name, budget: Budget):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--depth", type=int, default=3)
-    parser.add_argument(
-        "--lr", type=float, default=None, help="peak lr (default: the library default)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-test", type=int, default=1000)
-    parser.add_argument("--sets", default=",".join(PEER_SETS))
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser = budget_parser(__doc__, sets=",".join(PEER_SETS), methods=",".join(DEFAULT_METHODS))
     parser.add_argument(
         "--seconds",
         type=float,
