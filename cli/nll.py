@@ -5,7 +5,8 @@ corrected by the run's data transform (its log-Jacobian), and integer data are d
 the D log(scale) - D log K offset (DESIGN §2.6), giving a bound on the discrete NLL.
 
 `--method` defaults to the quantity the model optimises: the variational bound for a
-stochastic model (g > 0), the probability-flow ODE NLL for a deterministic one (g = 0).
+stochastic model (g > 0), the probability-flow ODE NLL for a deterministic one (g = 0) and for
+any run whose training ended with a likelihood phase (`--likelihood-steps`).
 `--method both` reports the two, labelled (`nll_ode`, `nll_bound`), with `nll` the default one.
 """
 
@@ -58,7 +59,7 @@ def nll(
         Method | None,
         typer.Option(
             help="ode, bound or both (default: what the model optimises: the bound when g > 0, "
-            "the ODE NLL when g = 0)."
+            "the ODE NLL when g = 0 or after a likelihood phase)."
         ),
     ] = None,
     trace: Annotated[
@@ -133,7 +134,10 @@ def nll(
                 "scores unconditional NFDMs only."
             )
         model = run.model
-        default = Method.bound if not model.is_deterministic else Method.ode
+        optimises_ode = model.is_deterministic or (
+            run.config.likelihood_steps > 0 and run.step > run.config.steps
+        )
+        default = Method.ode if optimises_ode else Method.bound
         chosen = method or default
         if chosen in (Method.bound, Method.both) and model.is_deterministic:
             raise ValueError(

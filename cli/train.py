@@ -98,7 +98,20 @@ def train(
     curvature: Annotated[
         float | None, typer.Option(help="Weight of the NFDM-OT curvature penalty (default 0).")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Total optimiser steps.")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Optimiser steps of the simulation-free objective.")
+    ] = None,
+    likelihood_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Then this many steps of maximum likelihood through the probability-flow ODE "
+            "(vector data; exact trace, so cost grows with D). Resume a finished run with more "
+            "of them to fine-tune it."
+        ),
+    ] = None,
+    likelihood_lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate of the likelihood phase (1e-3).")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Examples per step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW).")] = None,
     width: Annotated[int | None, typer.Option(help="Hidden width of the MLPs.")] = None,
@@ -166,6 +179,8 @@ def train(
         "volatility": volatility,
         "curvature": curvature,
         "steps": steps,
+        "likelihood_steps": likelihood_steps,
+        "likelihood_lr": likelihood_lr,
         "batch_size": batch_size,
         "lr": lr,
         "width": width,

@@ -97,6 +97,11 @@ from ._loss import (
     stratified_times as stratified_times,
 )
 from ._metrics import energy_distance as energy_distance, mmd as mmd
+from ._ml import (
+    LikelihoodSolve as LikelihoodSolve,
+    ode_nll as ode_nll,
+    ode_nll_loss as ode_nll_loss,
+)
 from ._model import NFDM as NFDM
 from ._nn import (
     FourierTimeFeatures as FourierTimeFeatures,
@@ -131,6 +136,7 @@ from ._train import (
     load_run as load_run,
     make_optimizer as make_optimizer,
     read_run_config as read_run_config,
+    run_schedule as run_schedule,
     train as train,
     train_step as train_step,
 )

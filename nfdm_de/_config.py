@@ -174,6 +174,12 @@ class TrainConfig:
     log_every: int = 100
     # A bridge (nfdm_de/_bridge.py) from this source distribution to `data`; None: an NFDM.
     source: str | None = None
+    # The likelihood phase (nfdm_de/_ml.py): after `steps` simulation-free steps, this many
+    # steps of maximum likelihood through the probability-flow ODE (exact trace; vector data),
+    # with a fresh Adam state, a cosine decay from `likelihood_lr`, and the EMA restarted.
+    likelihood_steps: int = 0
+    likelihood_lr: float = 1e-3
+    likelihood_tol: float = 1e-3
 
     def __post_init__(self):
         if not (isinstance(self.data, str) and self.data):
@@ -190,9 +196,44 @@ class TrainConfig:
         _check_positive_int("log_every", self.log_every)
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0):
             raise ValueError(f"`seed` must be an integer >= 0; got {self.seed!r}.")
+        if not (
+            isinstance(self.likelihood_steps, int)
+            and not isinstance(self.likelihood_steps, bool)
+            and self.likelihood_steps >= 0
+        ):
+            raise ValueError(
+                f"`likelihood_steps` must be an integer >= 0; got {self.likelihood_steps!r}."
+            )
+        if not (
+            _is_real(self.likelihood_lr)
+            and math.isfinite(self.likelihood_lr)
+            and self.likelihood_lr > 0
+        ):
+            raise ValueError(
+                f"`likelihood_lr` must be a finite number > 0; got {self.likelihood_lr!r}."
+            )
+        if not (_is_real(self.likelihood_tol) and 0 < self.likelihood_tol < 1):
+            raise ValueError(
+                f"`likelihood_tol` must be a number in (0, 1); got {self.likelihood_tol!r}."
+            )
 
     # Fields that may differ between a checkpoint and the run resuming it.
-    RESUMABLE_FIELDS = ("steps", "save_every", "keep", "log_every")
+    # The likelihood phase's settings too: a finished run can be fine-tuned by resuming it with
+    # more `likelihood_steps`.
+    RESUMABLE_FIELDS = (
+        "steps",
+        "save_every",
+        "keep",
+        "log_every",
+        "likelihood_steps",
+        "likelihood_lr",
+        "likelihood_tol",
+    )
+
+    @property
+    def total_steps(self) -> int:
+        """Simulation-free steps plus likelihood-phase steps."""
+        return self.steps + self.likelihood_steps
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready nested dict (Enums as their string values)."""

@@ -62,6 +62,7 @@ from ._data import (
     load_dataset,
 )
 from ._loss import LossBreakdown, loss
+from ._ml import LikelihoodSolve, ode_nll_loss
 from ._model import NFDM
 from ._sharding import (
     barrier,
@@ -102,6 +103,22 @@ def learning_rate_schedule(config: OptimConfig, steps: int) -> Callable[[int], f
             return peak
         progress = min((step - warmup) / max(steps - warmup, 1), 1.0)
         return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * progress))
+
+    return schedule
+
+
+def run_schedule(config: TrainConfig) -> Callable[[int], float]:
+    """step -> learning rate over a whole run: `learning_rate_schedule` for the `steps`
+    simulation-free steps, then for the likelihood phase a cosine decay from `likelihood_lr` to
+    1% of it over `likelihood_steps` (no warm-up: the phase starts from a trained model)."""
+    first = learning_rate_schedule(config.optim, config.steps)
+    peak, length = config.likelihood_lr, max(config.likelihood_steps, 1)
+
+    def schedule(step: int) -> float:
+        if step < config.steps:
+            return first(step)
+        progress = min((step - config.steps) / length, 1.0)
+        return 0.01 * peak + 0.5 * 0.99 * peak * (1 + math.cos(math.pi * progress))
 
     return schedule
 
@@ -182,10 +199,15 @@ def train_step(
     num_levels: int | None,
     time_power: float = 1.0,
     source_batch: Float[Array, " batch dim"] | None = None,
+    likelihood: LikelihoodSolve | None = None,
+    ema_step: Array | None = None,
 ) -> tuple[TrainState, LossBreakdown, Array]:
     """One optimiser step on `batch` (in the data's units) at integer `step`, learning rate `lr`.
 
     A bridge (`state.model` a `BridgeModel`) pairs `batch` with `source_batch` (source units).
+    With `likelihood` set the objective is the batch-mean ODE NLL (`ode_nll_loss`, reported as
+    the breakdown's `total`; its other terms are zero) instead of the simulation-free loss.
+    `ema_step` (default `step`) drives the EMA's warm-up, so a phase can restart it.
 
     Returns the new state, the batch-mean `LossBreakdown` and the gradient's global norm.
     """
@@ -200,6 +222,10 @@ def train_step(
 
     def objective(params):
         model = eqx.combine(params, static)
+        if likelihood is not None:
+            nll = ode_nll_loss(model, x, likelihood)
+            zero = jnp.zeros((), nll.dtype)
+            return nll, LossBreakdown(nll, zero, zero, zero, zero)
         if isinstance(model, BridgeModel):
             source = state.source_transform.to_model(source_batch)
             return bridge_loss(model, loss_key, x, source, curvature_weight=curvature_weight)
@@ -211,7 +237,8 @@ def train_step(
     params = optax.apply_updates(params, updates)
     model = eqx.combine(params, static)
     # EMA whose decay warms up, so early EMA weights are not dominated by the initialisation.
-    decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+    ema_step = step if ema_step is None else ema_step
+    decay = jnp.minimum(ema_decay, (1.0 + ema_step) / (10.0 + ema_step))
     ema_params, ema_static = eqx.partition(state.ema_model, eqx.is_inexact_array)
     ema_params = jax.tree.map(
         lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), ema_params, params
@@ -458,7 +485,7 @@ def train(
     _check_run_directory(run_dir, config, resume)
     check_model_config(config.model)
     rows = process_rows(config.batch_size, mesh)
-    end = config.steps if stop_at is None else min(stop_at, config.steps)
+    end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
 
     # Validate the data before creating anything on disk.
     finite = is_file_reference(config.data) or config.data in ("digits", *IMAGE_DATASETS)
@@ -481,6 +508,12 @@ def train(
             )
         if num_levels is not None or dataset_num_levels(config.source) is not None:
             raise ValueError("bridges support continuous data only (no integer-valued sets).")
+    if config.likelihood_steps > 0 and (config.source is not None or len(data_shape) != 1):
+        raise ValueError(
+            "the likelihood phase (likelihood_steps > 0) needs an NFDM on vector data: its exact "
+            f"trace costs D network evaluations per ODE step; got data of shape {data_shape}"
+            + (" and a bridge (--source)." if config.source is not None else ".")
+        )
 
     checkpoint_dir = os.path.join(run_dir, CHECKPOINT_DIR)
     metrics_path = os.path.join(run_dir, METRICS_FILE)
@@ -495,6 +528,12 @@ def train(
             )
         _, state = load_checkpoint(latest, _state_skeleton(config, header))
         step = int(header["step"])
+        stored_steps = int(header["config"]["steps"])
+        if step > stored_steps and config.steps != stored_steps:
+            raise ValueError(
+                f"cannot change --steps ({stored_steps} -> {config.steps}) of {run_dir!r}: its "
+                f"likelihood phase has begun (checkpoint at step {step})."
+            )
         final_loss = float(header.get("loss", math.nan))
         iterator_state = header["data_iterator"]
         source_iterator_state = header.get("source_iterator")
@@ -527,7 +566,7 @@ def train(
     state = replicate(state, mesh)
 
     optimizer = make_optimizer(config.optim)
-    schedule = learning_rate_schedule(config.optim, config.steps)
+    schedule = run_schedule(config)
     batches = batch_dataset(data, batch_size=config.batch_size, seed=config.seed, rows=rows)
     iterator = iter(batches.to_iter_dataset())
     if iterator_state is not None:
@@ -547,6 +586,9 @@ def train(
         num_levels=num_levels,
         time_power=float(config.model.time_power),
     )
+    likelihood_fn = functools.partial(
+        step_fn, likelihood=LikelihoodSolve(tol=config.likelihood_tol)
+    )
 
     def header_for(step: int, loss_value: float) -> dict[str, Any]:
         return {
@@ -560,7 +602,7 @@ def train(
         }
 
     start_step = step
-    bar = _Progress(config.steps, progress, start_step)
+    bar = _Progress(config.total_steps, progress, start_step)
     pending: list[tuple[int, LossBreakdown, Array]] = []
     final_terms: dict[str, float] = {}
     show_curvature = config.model.curvature > 0
@@ -575,9 +617,25 @@ def train(
             source_batch = None
             if source_iterator is not None:
                 source_batch = shard_batch(np.asarray(next(source_iterator), dtype), mesh)
-            state, breakdown, grad_norm = step_fn(
-                state, batch, np.asarray(step), lr, optimizer, source_batch=source_batch
-            )
+            if step < config.steps:
+                state, breakdown, grad_norm = step_fn(
+                    state, batch, np.asarray(step), lr, optimizer, source_batch=source_batch
+                )
+            else:
+                if step == config.steps:
+                    # The likelihood phase starts with a fresh Adam state: the moments of the
+                    # simulation-free loss's gradients have another scale.
+                    log(f"likelihood phase: {config.likelihood_steps} steps of ODE max. likelihood")
+                    opt_state = optimizer.init(_params(state.model))
+                    state = replicate(eqx.tree_at(lambda s: s.opt_state, state, opt_state), mesh)
+                state, breakdown, grad_norm = likelihood_fn(
+                    state,
+                    batch,
+                    np.asarray(step),
+                    lr,
+                    optimizer,
+                    ema_step=np.asarray(step - config.steps),
+                )
             step += 1
             interval_steps += 1
             pending.append((step, breakdown, grad_norm))
@@ -609,6 +667,7 @@ def train(
                 },
                 "grad_norm": float(np.mean([float(g) for _, g in terms])),
                 "lr": schedule(step - 1),
+                "phase": "likelihood" if step > config.steps else "simulation-free",
                 "steps_per_sec": rate,
                 "seconds": now - started,
             }
