@@ -66,6 +66,13 @@ def budget_parser(doc: str | None, *, sets: str, methods: str) -> argparse.Argum
     parser.add_argument("--num-test", type=int, default=1000)
     parser.add_argument("--sets", default=sets)
     parser.add_argument("--methods", default=methods)
+    parser.add_argument(
+        "--likelihood-steps",
+        type=int,
+        default=0,
+        help="also report each nfdm-de method after this many likelihood-phase steps (+ml)",
+    )
+    parser.add_argument("--jsonl", default=None, help="also append each result to this file")
     return parser
 
 
@@ -101,6 +108,38 @@ def train_nfdm(name: str, settings: dict, budget: Budget, extra: dict | None = N
         result = nd.train(config, run_dir)
         run = nd.load_run(run_dir)
     return run, result.seconds
+
+
+def train_nfdm_with_phase(
+    name: str, settings: dict, budget: Budget, likelihood_steps: int, extra: dict | None = None
+):
+    """Train with `nd.train`, then resume the finished run with a likelihood phase of
+    `likelihood_steps` steps (the same run, so the first phase is shared). Yields
+    (label, LoadedRun, cumulative training seconds): ("", base) then ("+ml", fine-tuned)."""
+    flat = {
+        "data": name,
+        "steps": budget.steps,
+        "batch_size": budget.batch,
+        "width": budget.width,
+        "depth": budget.depth,
+        "seed": budget.seed,
+        **({} if budget.lr is None else {"lr": budget.lr}),
+        "save_every": budget.steps,
+        "log_every": max(budget.steps // 10, 1),
+        "warmup": min(200, budget.steps // 10),
+        **settings,
+        **(extra or {}),
+    }
+    config = nd.update_config(nd.TrainConfig(), flat)
+    with tempfile.TemporaryDirectory() as run_dir:
+        first = nd.train(config, run_dir)
+        yield "", nd.load_run(run_dir), first.seconds
+        if likelihood_steps > 0:
+            tuned = nd.update_config(
+                config, {"likelihood_steps": likelihood_steps, "save_every": likelihood_steps}
+            )
+            second = nd.train(tuned, run_dir, resume=True)
+            yield "+ml", nd.load_run(run_dir), first.seconds + second.seconds
 
 
 def steady_rate(name: str, settings: dict, budget: Budget, probe_steps: int = 200) -> float:

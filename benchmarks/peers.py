@@ -24,6 +24,7 @@ Prints a Markdown table of held-out NLL gaps to the true NLL (nats, mean ± s.e.
 points) with training and evaluation seconds, then mean gaps per method over the sets.
 """
 
+import json
 import math
 import sys
 import time
@@ -38,7 +39,7 @@ from _density_common import (
     nfdm_nll,
     steady_rate,
     test_points,
-    train_nfdm,
+    train_nfdm_with_phase,
     true_nll,
 )
 
@@ -187,6 +188,11 @@ def main(argv=None):
     rows, means = [], {}
 
     def record(name, method, quantity, cell, train_s, eval_s, steps_text):
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                result = dict(set=name, method=method, nll=quantity, gap=cell[0], stderr=cell[1])
+                result.update(train_s=train_s, eval_s=eval_s, steps=steps_text)
+                f.write(json.dumps(result) + "\n")
         rows.append(
             f"| {name} | {method} | {quantity} | {fmt(*cell)} | {steps_text} | {train_s:.0f} | "
             f"{eval_s:.1f} |"
@@ -235,19 +241,20 @@ def main(argv=None):
                 rate = steady_rate(name, settings, budget)
                 steps = max(int(args.seconds * rate), 10)
             b = Budget(steps, budget.batch, budget.width, budget.depth, budget.lr, budget.seed)
-            run, train_s = train_nfdm(name, settings, b)
-            nll = nfdm_nll(run, x, which, seed=args.seed)
-            for q in ("bound", "ode"):
-                if q in nll:
-                    record(
-                        name,
-                        method,
-                        q,
-                        gap(nll[q], truth),
-                        train_s,
-                        nll[f"{q}_seconds"],
-                        str(steps),
-                    )
+            extra_steps = 0 if args.seconds is not None else args.likelihood_steps
+            for label, run, train_s in train_nfdm_with_phase(name, settings, b, extra_steps):
+                nll = nfdm_nll(run, x, which if not label else ("ode",), seed=args.seed)
+                for q in ("bound", "ode"):
+                    if q in nll:
+                        record(
+                            name,
+                            method + label,
+                            q,
+                            gap(nll[q], truth),
+                            train_s,
+                            nll[f"{q}_seconds"],
+                            f"{steps} + {extra_steps}" if label else str(steps),
+                        )
 
     what = (
         f"about {args.seconds:g} s of training each (steps from measured throughput)"

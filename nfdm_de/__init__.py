@@ -104,6 +104,7 @@ from ._ml import (
 )
 from ._model import NFDM as NFDM
 from ._nn import (
+    FourierInputFeatures as FourierInputFeatures,
     FourierTimeFeatures as FourierTimeFeatures,
     MonotoneUnitInterval as MonotoneUnitInterval,
     Predictor as Predictor,

@@ -91,6 +91,8 @@ class ModelConfig:
     delta: float = 0.01
     volatility_value: float = 1.0
     time_power: float = 3.0
+    input_octaves: int = 0
+    forward_input_octaves: int = 0
 
     def __post_init__(self):
         _check_enum("forward", self.forward, ForwardChoice)
@@ -101,6 +103,10 @@ class ModelConfig:
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
         _check_positive_int("channels", self.channels)
+        if not (isinstance(self.input_octaves, int) and 0 <= self.input_octaves <= 16):
+            raise ValueError(
+                f"`input_octaves` must be an integer in [0, 16]; got {self.input_octaves!r}."
+            )
         if not (_is_real(self.curvature) and math.isfinite(self.curvature) and self.curvature >= 0):
             raise ValueError(f"`curvature` must be a finite number >= 0; got {self.curvature!r}.")
         if not (_is_real(self.delta) and 0 < self.delta < 1):
@@ -247,6 +253,9 @@ class TrainConfig:
         if isinstance(model_dict, dict) and model_dict and "forward_width" not in model_dict:
             # Stored before the forward network had its own size: it had the predictor's.
             model_dict = {"forward_width": None, "forward_depth": None, **model_dict}
+        if isinstance(model_dict, dict) and model_dict and "input_octaves" not in model_dict:
+            # Stored before the networks had input features: they had none.
+            model_dict = {"input_octaves": 0, "forward_input_octaves": 0, **model_dict}
         model = _dataclass_from_dict(ModelConfig, model_dict, "model")
         optim = _dataclass_from_dict(OptimConfig, d.pop("optim", {}), "optim")
         return _dataclass_from_dict(cls, d, "", model=model, optim=optim)
@@ -282,6 +291,7 @@ def _neural_gaussian(c: ModelConfig, shape, k: Key) -> AbstractForwardProcess:
         width=c.resolved_forward_width,
         depth=c.resolved_forward_depth,
         delta=c.delta,
+        input_octaves=c.forward_input_octaves,
         key=k,
     )
 
@@ -370,6 +380,7 @@ def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> N
             width=config.width,
             depth=config.depth,
             delta=config.delta,
+            input_octaves=config.input_octaves,
             key=predictor_key,
         )
     volatility = _VOLATILITY_BUILDERS[config.volatility](config, volatility_key)

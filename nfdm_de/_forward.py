@@ -251,10 +251,18 @@ def neural_gaussian(
     width: int = 128,
     depth: int = 3,
     delta: float = 0.01,
+    input_octaves: int = 0,
     key: Key,
 ) -> NeuralGaussian:
-    """A `NeuralGaussian` with the reference MLP (zero-initialised output layer) for vectors."""
+    """A `NeuralGaussian` with the reference MLP (zero-initialised output layer) for vectors;
+    `input_octaves` as in `TimeConditionedMLP`."""
     network = TimeConditionedMLP(
-        data_size, 2 * data_size, width=width, depth=depth, zero_init_output=True, key=key
+        data_size,
+        2 * data_size,
+        width=width,
+        depth=depth,
+        zero_init_output=True,
+        input_octaves=input_octaves,
+        key=key,
     )
     return NeuralGaussian(network=network, delta=delta)
