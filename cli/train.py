@@ -51,6 +51,7 @@ def _resolve(base, settings: dict[str, Any]):
         "forward": nd.ForwardChoice,
         "volatility": nd.VolatilityChoice,
         "schedule": nd.ScheduleChoice,
+        "forward_anchor": nd.AnchorChoice,
     }
     for name, enum_type in enums.items():
         if name in settings and not isinstance(settings[name], enum_type):
@@ -124,6 +125,20 @@ def train(
         int | None,
         typer.Option(help="Hidden layers of the learnable forward process's network (default 2)."),
     ] = None,
+    input_octaves: Annotated[
+        int | None,
+        typer.Option(
+            help="Sin/cos features of the predictor MLP's input at 1, 2, ..., 2^(n-1) (default 4; "
+            "0 = none)."
+        ),
+    ] = None,
+    forward_anchor: Annotated[
+        str | None,
+        typer.Option(
+            help="Fixed path the learnable Gaussian forward process starts from: vp (default) or "
+            "linear."
+        ),
+    ] = None,
     channels: Annotated[
         int | None, typer.Option(help="Base channels of the U-Nets (image data; default 8).")
     ] = None,
@@ -188,6 +203,8 @@ def train(
         "forward_width": forward_width,
         "forward_depth": forward_depth,
         "channels": channels,
+        "input_octaves": input_octaves,
+        "forward_anchor": forward_anchor,
         "seed": seed,
         "warmup": warmup,
         "schedule": schedule,

@@ -33,7 +33,12 @@ import nfdm_de as nd
 def model_configs(lam: float) -> dict[str, nd.ModelConfig]:
     return {
         "nfdm": nd.ModelConfig(),
-        "nfdm-ot": nd.ModelConfig(volatility=nd.VolatilityChoice.ZERO, curvature=lam),
+        # NFDM-OT starts from the straight linear path (the default VP anchor is curved).
+        "nfdm-ot": nd.ModelConfig(
+            volatility=nd.VolatilityChoice.ZERO,
+            curvature=lam,
+            forward_anchor=nd.AnchorChoice.LINEAR,
+        ),
         "linear": nd.ModelConfig(
             forward=nd.ForwardChoice.LINEAR, volatility=nd.VolatilityChoice.ZERO
         ),

@@ -22,6 +22,7 @@ from ._checkpoint import (
 )
 from ._config import (
     FLAT_SETTINGS as FLAT_SETTINGS,
+    AnchorChoice as AnchorChoice,
     ForwardChoice as ForwardChoice,
     ModelConfig as ModelConfig,
     OptimConfig as OptimConfig,

@@ -221,13 +221,20 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
 
     `network` maps (x, t) to an array shaped like `x` but with twice the last axis: the mean
     correction then the log-scale correction, concatenated on the last axis.
+
+    `anchor` = "vp" replaces the linear path above by the cosine VP path of
+    `VariancePreserving` (mu = alpha(t) x + gate NN_mu, log sigma = log sigma_vp(t) + gate
+    NN_sigma): the same family, started from the fixed path with the better bound.
     """
 
     network: eqx.Module
     delta: float = 0.01
+    anchor: str = eqx.field(default="linear", static=True)
 
     def __check_init__(self):
         _check_delta(self.delta)
+        if self.anchor not in ("linear", "vp"):
+            raise ValueError(f"`anchor` must be 'linear' or 'vp'; got {self.anchor!r}.")
 
     def mean_and_log_scale(self, x: Data, t: Time) -> tuple[Data, Data]:
         t = jnp.asarray(t, x.dtype)
@@ -240,9 +247,11 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
             )
         mean_correction, log_scale_correction = jnp.split(out, 2, axis=-1)
         gate = t * (1 - t)
-        mu = (1 - t) * x + gate * mean_correction
-        log_sigma = _linear_log_scale(t, self.delta) + gate * log_scale_correction
-        return mu, log_sigma
+        if self.anchor == "vp":
+            base_mu, base_log_sigma = _vp_moments(t, x, self.delta)
+        else:
+            base_mu, base_log_sigma = (1 - t) * x, _linear_log_scale(t, self.delta)
+        return base_mu + gate * mean_correction, base_log_sigma + gate * log_scale_correction
 
 
 def neural_gaussian(
@@ -252,6 +261,7 @@ def neural_gaussian(
     depth: int = 3,
     delta: float = 0.01,
     input_octaves: int = 0,
+    anchor: str = "linear",
     key: Key,
 ) -> NeuralGaussian:
     """A `NeuralGaussian` with the reference MLP (zero-initialised output layer) for vectors;
@@ -265,4 +275,4 @@ def neural_gaussian(
         input_octaves=input_octaves,
         key=key,
     )
-    return NeuralGaussian(network=network, delta=delta)
+    return NeuralGaussian(network=network, delta=delta, anchor=anchor)

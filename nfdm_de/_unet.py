@@ -275,11 +275,12 @@ def unet_neural_gaussian(
     channel_mults: Sequence[int] = (1, 2),
     num_frequencies: int = 8,
     delta: float = 0.01,
+    anchor: str = "linear",
     key: Key,
 ) -> NeuralGaussian:
     """A `NeuralGaussian` for images: a `UNet` with C -> 2C channels (mean then log-scale
-    corrections) and a zero-initialised output convolution, so it starts at the linear
-    interpolant."""
+    corrections) and a zero-initialised output convolution, so it starts at its anchor path
+    (the linear interpolant by default)."""
     _, _, channels = _check_image_shape(image_shape)
     network = UNet(
         channels,
@@ -290,4 +291,4 @@ def unet_neural_gaussian(
         zero_init_output=True,
         key=key,
     )
-    return NeuralGaussian(network=network, delta=delta)
+    return NeuralGaussian(network=network, delta=delta, anchor=anchor)

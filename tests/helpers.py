@@ -51,13 +51,18 @@ class GenericPath(nd.AbstractForwardProcess):
 def forward_processes(key):
     """Every built-in forward process, learnable ones perturbed away from initialisation."""
     k1, k2, k3, k4, k5, k6 = jr.split(key, 6)
+    k7, k8 = jr.split(jr.fold_in(key, 7))
     neural = perturb(nd.neural_gaussian(DATA_SIZE, width=16, depth=2, key=k1), k2)
+    neural_vp = perturb(
+        nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor="vp", input_octaves=2, key=k7), k8
+    )
     schedule = perturb(nd.LearnedSchedule(hidden=8, key=k3), k4, scale=1.0)
     flow = perturb(
         nd.neural_flow(DATA_SIZE, width=16, depth=1, num_layers=3, unroll=False, key=k5), k6
     )
     return {
         "neural-gaussian": neural,
+        "neural-gaussian(vp anchor)": neural_vp,
         "linear": nd.LinearInterpolant(),
         "vp": nd.VariancePreserving(delta=0.05),
         "learned-schedule": schedule,
@@ -68,6 +73,7 @@ def forward_processes(key):
 
 FORWARD_NAMES = [
     "neural-gaussian",
+    "neural-gaussian(vp anchor)",
     "linear",
     "vp",
     "learned-schedule",

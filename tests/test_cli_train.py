@@ -55,6 +55,10 @@ def test_help():
         "--config",
         "--resume",
         "--json",
+        "--likelihood-steps",
+        "--likelihood-lr",
+        "--input-octaves",
+        "--forward-anchor",
     ):
         assert flag in result.stdout
 
@@ -160,6 +164,11 @@ def bad_files(tmp_path):
         (["--volatility", "zero"], "needs a curvature penalty > 0"),
         (["--forward", "learned-schedule", "--volatility", "zero"], "degenerates"),
         (["--resume"], "--resume needs --run-dir"),
+        (["--forward-anchor", "curved"], "unknown forward_anchor 'curved'"),
+        (["--likelihood-steps", "-1"], "`likelihood_steps` must be an integer >= 0"),
+        (["--likelihood-lr", "0"], "`likelihood_lr` must be a finite number > 0"),
+        (["--input-octaves", "-1"], "`input_octaves` must be an integer in [0, 16]"),
+        (["--data", "digits-images", "--likelihood-steps", "5"], "needs an NFDM on vector data"),
         (["--config", "{d}/none.toml"], "does not exist"),
     ],
 )
@@ -224,3 +233,26 @@ def test_toml_tables_and_flag_precedence(tmp_path):
     assert config.data == "spirals" and config.steps == 9
     assert config.model.width == 8 and config.model.curvature == 1.0
     assert config.optim.lr == 0.5 and config.optim.schedule is nd.ScheduleChoice.CONSTANT
+
+
+def test_likelihood_phase_flags_and_nll_default(tmp_path):
+    run_dir = tmp_path / "run"
+    config = _tiny_toml(tmp_path / "c.toml", steps=6, save_every=3, log_every=3)
+    args = ["train", "--config", str(config), "--run-dir", str(run_dir), "--json"]
+    args += ["--likelihood-steps", "3", "--likelihood-lr", "5e-4", "--input-octaves", "2"]
+    args += ["--forward-anchor", "linear"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 9
+    stored = json.loads((run_dir / "config.json").read_text())
+    assert stored["likelihood_steps"] == 3 and stored["likelihood_lr"] == 5e-4
+    assert stored["model"]["input_octaves"] == 2 and stored["model"]["forward_anchor"] == "linear"
+    phases = [json.loads(line)["phase"] for line in (run_dir / "metrics.jsonl").open()]
+    assert phases == ["simulation-free", "simulation-free", "likelihood"]
+    # After a likelihood phase, `nll` reports the ODE NLL (what the model last optimised).
+    nll = runner.invoke(
+        app,
+        ["nll", "--run-dir", str(run_dir), "--data", "eight-gaussians", "--num", "16", "--json"],
+    )
+    assert nll.exit_code == 0, nll.stderr
+    assert json.loads(nll.stdout.strip().splitlines()[-1])["method"] == "ode"

@@ -134,6 +134,16 @@ def test_neural_gaussian_starts_at_linear_interpolant(getkey):
         assert max_abs(neural.transform(eps, t, x), linear.transform(eps, t, x)) < 1e-12
 
 
+def test_vp_anchored_neural_gaussian_starts_at_vp(getkey):
+    neural = nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor="vp", key=getkey())
+    vp = nd.VariancePreserving()
+    x, eps = _point(getkey())
+    for t in INTERIOR_TIMES:
+        assert max_abs(neural.transform(eps, t, x), vp.transform(eps, t, x)) < 1e-12
+    with pytest.raises(ValueError, match="anchor"):
+        nd.neural_gaussian(DATA_SIZE, width=8, depth=1, anchor="cosine", key=getkey())
+
+
 def test_learned_schedule_is_monotone_and_starts_near_vp(getkey):
     schedule = nd.LearnedSchedule(hidden=8, key=getkey())
     ts = jnp.linspace(0.0, 1.0, 101)
