@@ -92,8 +92,8 @@ def test_points(name: str, num: int) -> np.ndarray:
     return nd.load_dataset(name, split="test", num=num)
 
 
-def train_nfdm(name: str, settings: dict, budget: Budget, extra: dict | None = None):
-    """Train with `nd.train` in a temporary run directory; returns (LoadedRun, seconds)."""
+def _config(name: str, settings: dict, budget: Budget, extra: dict | None) -> "nd.TrainConfig":
+    """The TrainConfig of one benchmark run: the budget, then the method's settings."""
     flat = {
         "data": name,
         "steps": budget.steps,
@@ -108,9 +108,13 @@ def train_nfdm(name: str, settings: dict, budget: Budget, extra: dict | None = N
         **settings,
         **(extra or {}),
     }
-    config = nd.update_config(nd.TrainConfig(), flat)
+    return nd.update_config(nd.TrainConfig(), flat)
+
+
+def train_nfdm(name: str, settings: dict, budget: Budget, extra: dict | None = None):
+    """Train with `nd.train` in a temporary run directory; returns (LoadedRun, seconds)."""
     with tempfile.TemporaryDirectory() as run_dir:
-        result = nd.train(config, run_dir)
+        result = nd.train(_config(name, settings, budget, extra), run_dir)
         run = nd.load_run(run_dir)
     return run, result.seconds
 
@@ -121,21 +125,7 @@ def train_nfdm_with_phase(
     """Train with `nd.train`, then resume the finished run with a likelihood phase of
     `likelihood_steps` steps (the same run, so the first phase is shared). Yields
     (label, LoadedRun, cumulative training seconds): ("", base) then ("+ml", fine-tuned)."""
-    flat = {
-        "data": name,
-        "steps": budget.steps,
-        "batch_size": budget.batch,
-        "width": budget.width,
-        "depth": budget.depth,
-        "seed": budget.seed,
-        **({} if budget.lr is None else {"lr": budget.lr}),
-        "save_every": budget.steps,
-        "log_every": max(budget.steps // 10, 1),
-        "warmup": min(200, budget.steps // 10),
-        **settings,
-        **(extra or {}),
-    }
-    config = nd.update_config(nd.TrainConfig(), flat)
+    config = _config(name, settings, budget, extra)
     with tempfile.TemporaryDirectory() as run_dir:
         first = nd.train(config, run_dir)
         yield "", nd.load_run(run_dir), first.seconds

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from gaussian_oracle import FORWARDS, gaussian_data, gaussian_log_prob, oracle_model
 from helpers import perturb
+from test_train import _bit_identical
 
 import nfdm_de as nd
 
@@ -115,15 +116,6 @@ PHASED = nd.TrainConfig(
     save_every=5,
     log_every=5,
 )
-
-
-def _leaves(tree):
-    return jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
-
-
-def _bit_identical(a, b) -> bool:
-    la, lb = _leaves(a), _leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
 
 
 @pytest.fixture(scope="module")
