@@ -639,7 +639,8 @@ def train(
             step += 1
             interval_steps += 1
             pending.append((step, breakdown, grad_norm))
-            log_now = step % config.log_every == 0
+            # A row at the phase boundary too, so no logged interval mixes the two objectives.
+            log_now = step % config.log_every == 0 or step == config.steps
             save_now = step % config.save_every == 0 or step == end
             if not (log_now or save_now):
                 # Keep the bar moving without forcing a device sync on every step.
@@ -653,7 +654,12 @@ def train(
                     f"training stopped: the loss became non-finite "
                     f"({totals[~np.isfinite(totals)][0]}) at step {bad}; the last good checkpoint "
                     + (f"is {last_good}" if last_good else "does not exist (none was saved yet)")
-                    + "; lower --lr or check the data."
+                    + (
+                        "; in the likelihood phase, lower --likelihood-lr or loosen "
+                        "likelihood-tol (a solve that needs more than 1024 steps gives NaN)."
+                        if bad > config.steps
+                        else "; lower --lr or check the data."
+                    )
                 )
             now = time.perf_counter()
             rate = interval_steps / max(now - interval_start, 1e-9)

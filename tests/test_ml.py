@@ -180,3 +180,12 @@ def test_phase_refuses_what_it_cannot_do(phased_run, tmp_path):
     # Once the phase has begun, the first phase's length is fixed.
     with pytest.raises(ValueError, match="cannot change --steps"):
         nd.train(dataclasses.replace(PHASED, steps=35), str(phased_run), resume=True)
+
+
+def test_phase_divergence_names_the_phase_and_keeps_the_last_good_checkpoint(tmp_path):
+    # An absurd rate in the likelihood phase: the next solve blows up (or runs out of steps).
+    nd.train(dataclasses.replace(PHASED, likelihood_steps=0), str(tmp_path))
+    absurd = dataclasses.replace(PHASED, likelihood_steps=20, likelihood_lr=1e4)
+    with pytest.raises(nd.TrainingDiverged, match="likelihood-lr"):
+        nd.train(absurd, str(tmp_path), resume=True)
+    assert nd.load_run(str(tmp_path)).step == 30  # the last good checkpoint is untouched
