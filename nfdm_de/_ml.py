@@ -8,17 +8,16 @@ per evaluation) by an adaptive solver at a loose tolerance, and backpropagate th
 solver's steps (discretise-then-optimise; Diffrax's `RecursiveCheckpointAdjoint`).
 """
 
-import math
-
 import diffrax as dfx
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from ._custom_types import Scalar
+from ._likelihood import _likelihood_solve
 from ._model import NFDM
-from ._solve import INITIAL_STEP, check_solver
-from ._terms import ExactTrace, likelihood_term
+from ._solve import check_solver, stepping
+from ._terms import ExactTrace
 
 
 class LikelihoodSolve(eqx.Module):
@@ -58,26 +57,19 @@ def ode_nll(
             f"ode_nll expects a batch of vectors of shape (batch, {model.data_shape[0]}); got "
             f"{tuple(x.shape)} (the likelihood phase supports vector data only)."
         )
-    y0 = (x, jnp.zeros((x.shape[0], 1), x.dtype))
-    solution = dfx.diffeqsolve(
-        likelihood_term(model, ExactTrace()),
+    # The same augmented solve as `log_likelihood` (one adaptive solve over the batch), at the
+    # phase's loose tolerance; Diffrax's default adjoint backpropagates through its steps.
+    steps = stepping(
         settings.solver,
-        0.0,
-        1.0,
-        INITIAL_STEP,
-        y0,
-        stepsize_controller=dfx.PIDController(rtol=settings.tol, atol=settings.tol),
+        steps=None,
+        rtol=settings.tol,
+        atol=settings.tol,
         max_steps=settings.max_steps,
-        adjoint=dfx.RecursiveCheckpointAdjoint(),
-        throw=False,
+        sde=False,
     )
-    z1, delta_logp = solution.ys
-    z1, delta_logp = z1[0], delta_logp[0, :, 0]
-    dim = z1.shape[1]
-    log_prior = -0.5 * jnp.sum(z1**2, axis=1) - 0.5 * dim * math.log(2 * math.pi)
-    nll = -(log_prior + delta_logp)
-    finished = solution.result == dfx.RESULTS.successful
-    return jnp.where(finished, nll, jnp.nan), solution.stats["num_steps"]
+    log_prob, solve = _likelihood_solve(model, x, None, ExactTrace(), settings.solver, steps)
+    nll = -log_prob[:, 0]
+    return jnp.where(solve.failed, jnp.nan, nll), solve.accepted + solve.rejected
 
 
 def ode_nll_loss(
