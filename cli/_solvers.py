@@ -4,11 +4,24 @@ import json
 import math
 import os
 import tempfile
+from typing import Annotated
 
 import typer
 
 ODE_SOLVER_NAMES = ("euler", "heun", "midpoint", "ralston", "bosh3", "tsit5", "dopri5", "dopri8")
 SDE_SOLVER_NAMES = ("euler", "euler-maruyama", "heun", "sra1", "shark", "sea")
+
+# Options every command that solves (or reports) declares the same way.
+MaxStepsOption = Annotated[int, typer.Option(help="Step budget of an adaptive solve.")]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object (last stdout line).")
+]
+
+
+def check_chunks(chunks: int | None) -> None:
+    """--chunks is a positive count when given (the device-multiple check needs the mesh)."""
+    if chunks is not None and chunks < 1:
+        raise ValueError(f"--chunks must be a positive integer; got {chunks}.")
 
 
 def solver_from_name(name: str, *, sde: bool):

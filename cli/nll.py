@@ -19,7 +19,16 @@ from typing import Annotated
 
 import typer
 
-from cli._solvers import atomic_save, fail, json_number, print_json, solver_from_name
+from cli._solvers import (
+    JsonOption,
+    MaxStepsOption,
+    atomic_save,
+    check_chunks,
+    fail,
+    json_number,
+    print_json,
+    solver_from_name,
+)
 
 # t = u^3 puts samples where the bound's integrand lives (small t).
 BOUND_TIME_POWER = 3.0
@@ -93,7 +102,7 @@ def nll(
         Path | None,
         typer.Option(help="Write each example's NLL: .npy (the `nll` values) or a CSV table."),
     ] = None,
-    max_steps: Annotated[int, typer.Option(help="Step budget of an adaptive solve.")] = 4096,
+    max_steps: MaxStepsOption = 4096,
     chunks: Annotated[
         int | None,
         typer.Option(
@@ -101,9 +110,7 @@ def nll(
             "the device count. Same --chunks, same NLL on any device count."
         ),
     ] = None,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object (last stdout line).")
-    ] = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Held-out NLL (nats per example, data units) by the ODE and/or the variational bound."""
     try:
@@ -118,8 +125,7 @@ def nll(
             raise ValueError(f"--batch-size must be a positive integer; got {batch_size}.")
         if probes < 1:
             raise ValueError(f"--probes must be a positive integer; got {probes}.")
-        if chunks is not None and chunks < 1:
-            raise ValueError(f"--chunks must be a positive integer; got {chunks}.")
+        check_chunks(chunks)
         # All local devices, each solving its own rows of every batch (docs/scaling.md).
         mesh = nd.data_mesh()
         devices = int(mesh.devices.size)

@@ -6,7 +6,16 @@ from typing import Annotated
 
 import typer
 
-from cli._solvers import atomic_save, fail, json_number, print_json, solver_from_name
+from cli._solvers import (
+    JsonOption,
+    MaxStepsOption,
+    atomic_save,
+    check_chunks,
+    fail,
+    json_number,
+    print_json,
+    solver_from_name,
+)
 
 _TRAJECTORY_PATHS = 64
 
@@ -114,7 +123,7 @@ def sample(
         Path | None,
         typer.Option(help="Reference .npy in data units: adds mmd and energy_distance."),
     ] = None,
-    max_steps: Annotated[int, typer.Option(help="Step budget of an adaptive solve.")] = 4096,
+    max_steps: MaxStepsOption = 4096,
     chunks: Annotated[
         int | None,
         typer.Option(
@@ -122,9 +131,7 @@ def sample(
             "a multiple of the device count. Same --chunks, same samples on any device count."
         ),
     ] = None,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object (last stdout line).")
-    ] = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Sample a trained run with its EMA weights; write the samples (data units) as .npy."""
     try:
@@ -136,8 +143,7 @@ def sample(
 
         if num < 1:
             raise ValueError(f"--num must be a positive integer; got {num}.")
-        if chunks is not None and chunks < 1:
-            raise ValueError(f"--chunks must be a positive integer; got {chunks}.")
+        check_chunks(chunks)
         if trajectories and plot is None:
             raise ValueError("--trajectories draws on the --plot; give --plot FILE.png.")
         name = solver or ("shark" if sde else "tsit5")

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
+from cli._solvers import JsonOption
+
 
 def _read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
@@ -155,9 +157,7 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --run-dir from its checkpoint.")
     ] = False,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object (last stdout line).")
-    ] = False,
+    json_output: JsonOption = False,
     warmup: Annotated[int | None, typer.Option(help="Linear learning-rate warm-up steps.")] = None,
     schedule: Annotated[
         str | None, typer.Option(help="After warm-up: cosine (default) or constant.")
