@@ -243,7 +243,13 @@ def main(argv=None):
             b = Budget(steps, budget.batch, budget.width, budget.depth, budget.lr, budget.seed)
             extra_steps = 0 if args.seconds is not None else args.likelihood_steps
             for label, run, train_s in train_nfdm_with_phase(name, settings, b, extra_steps):
-                nll = nfdm_nll(run, x, which if not label else ("ode",), seed=args.seed)
+                nll = nfdm_nll(
+                    run,
+                    x,
+                    which if not label else ("ode",),
+                    seed=args.seed,
+                    bound_samples=args.bound_samples,
+                )
                 for q in ("bound", "ode"):
                     if q in nll:
                         record(

@@ -137,8 +137,8 @@ def train(
     forward_anchor: Annotated[
         str | None,
         typer.Option(
-            help="Fixed path the learnable Gaussian forward process starts from: vp (default) or "
-            "linear."
+            help="Path the learnable Gaussian forward process is built around: mixed (default; "
+            "a learned mixture of the two others), vp or linear."
         ),
     ] = None,
     channels: Annotated[

@@ -20,7 +20,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array
+from jaxtyping import Array, Float
 
 from ._custom_types import Data, Key, Scalar, Time
 from ._nn import MonotoneUnitInterval, TimeConditionedMLP
@@ -225,16 +225,34 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
     `anchor` = "vp" replaces the linear path above by the cosine VP path of
     `VariancePreserving` (mu = alpha(t) x + gate NN_mu, log sigma = log sigma_vp(t) + gate
     NN_sigma): the same family, started from the fixed path with the better bound.
+
+    `anchor` = "mixed" learns the anchor too: with w = sigmoid(`anchor_logit`) (a learnable
+    scalar), mu's base is (1 - w) (1 - t) x + w alpha(t) x and log sigma's base is
+    (1 - w) log sigma_linear + w log sigma_vp. Every w keeps both boundary conditions, and the
+    family contains the linear path (w = 0) and the VP path (w = 1) exactly, which an MLP
+    correction t(1 - t) NN(x, t) can only approximate (it would have to learn x h(t)).
     """
 
     network: eqx.Module
     delta: float = 0.01
     anchor: str = eqx.field(default="linear", static=True)
+    anchor_logit: Float[Array, ""] | None = None
 
     def __check_init__(self):
         _check_delta(self.delta)
-        if self.anchor not in ("linear", "vp"):
-            raise ValueError(f"`anchor` must be 'linear' or 'vp'; got {self.anchor!r}.")
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"`anchor` must be one of {ANCHORS}; got {self.anchor!r}.")
+        if (self.anchor == "mixed") != (self.anchor_logit is not None):
+            raise ValueError(
+                "`anchor_logit` (the learnable weight of the VP path) is needed by, and only "
+                f"by, anchor='mixed'; got anchor={self.anchor!r} with anchor_logit="
+                f"{self.anchor_logit!r}."
+            )
+
+    @property
+    def vp_weight(self) -> Float[Array, ""] | None:
+        """w in the mixed anchor (0 = linear path, 1 = VP); None for a fixed anchor."""
+        return None if self.anchor_logit is None else jax.nn.sigmoid(self.anchor_logit)
 
     def mean_and_log_scale(self, x: Data, t: Time) -> tuple[Data, Data]:
         t = jnp.asarray(t, x.dtype)
@@ -247,11 +265,27 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
             )
         mean_correction, log_scale_correction = jnp.split(out, 2, axis=-1)
         gate = t * (1 - t)
-        if self.anchor == "vp":
-            base_mu, base_log_sigma = _vp_moments(t, x, self.delta)
-        else:
-            base_mu, base_log_sigma = (1 - t) * x, _linear_log_scale(t, self.delta)
+        base_mu, base_log_sigma = _anchor_moments(self.anchor, self.vp_weight, t, x, self.delta)
         return base_mu + gate * mean_correction, base_log_sigma + gate * log_scale_correction
+
+
+ANCHORS = ("linear", "vp", "mixed")
+
+
+def _anchor_moments(anchor: str, vp_weight, t: Array, x: Array, delta: float):
+    linear = ((1 - t) * x, _linear_log_scale(t, delta))
+    if anchor == "linear":
+        return linear
+    vp = _vp_moments(t, x, delta)
+    if anchor == "vp":
+        return vp
+    w = jnp.asarray(vp_weight, x.dtype)
+    return (1 - w) * linear[0] + w * vp[0], (1 - w) * linear[1] + w * vp[1]
+
+
+def _anchor_fields(anchor: str) -> dict:
+    # The mixed anchor starts halfway between the linear and the VP path (w = 0.5).
+    return {"anchor_logit": jnp.zeros(())} if anchor == "mixed" else {}
 
 
 def neural_gaussian(
@@ -275,4 +309,4 @@ def neural_gaussian(
         input_octaves=input_octaves,
         key=key,
     )
-    return NeuralGaussian(network=network, delta=delta, anchor=anchor)
+    return NeuralGaussian(network=network, delta=delta, anchor=anchor, **_anchor_fields(anchor))

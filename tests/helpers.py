@@ -56,6 +56,10 @@ def forward_processes(key):
     neural_vp = perturb(
         nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor="vp", input_octaves=2, key=k7), k8
     )
+    k9, k10 = jr.split(jr.fold_in(key, 9))
+    neural_mixed = perturb(
+        nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor="mixed", key=k9), k10
+    )
     schedule = perturb(nd.LearnedSchedule(hidden=8, key=k3), k4, scale=1.0)
     flow = perturb(
         nd.neural_flow(DATA_SIZE, width=16, depth=1, num_layers=3, unroll=False, key=k5), k6
@@ -63,6 +67,7 @@ def forward_processes(key):
     return {
         "neural-gaussian": neural,
         "neural-gaussian(vp anchor)": neural_vp,
+        "neural-gaussian(mixed anchor)": neural_mixed,
         "linear": nd.LinearInterpolant(),
         "vp": nd.VariancePreserving(delta=0.05),
         "learned-schedule": schedule,
@@ -74,6 +79,7 @@ def forward_processes(key):
 FORWARD_NAMES = [
     "neural-gaussian",
     "neural-gaussian(vp anchor)",
+    "neural-gaussian(mixed anchor)",
     "linear",
     "vp",
     "learned-schedule",

@@ -13,6 +13,7 @@ from helpers import (
     GenericPath,
     forward_processes,
     max_abs,
+    perturb,
 )
 
 import nfdm_de as nd
@@ -142,6 +143,32 @@ def test_vp_anchored_neural_gaussian_starts_at_vp(getkey):
         assert max_abs(neural.transform(eps, t, x), vp.transform(eps, t, x)) < 1e-12
     with pytest.raises(ValueError, match="anchor"):
         nd.neural_gaussian(DATA_SIZE, width=8, depth=1, anchor="cosine", key=getkey())
+
+
+def test_mixed_anchor_contains_the_linear_and_vp_anchors_and_learns_its_weight(getkey):
+    # w = sigmoid(anchor_logit) = 0 / 1 must give the linear / VP-anchored process exactly
+    # (same corrections network), and the transform must depend on the logit in between.
+    mixed = perturb(
+        nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor="mixed", key=getkey()), getkey()
+    )
+    assert float(nd.neural_gaussian(DATA_SIZE, anchor="mixed", key=getkey()).vp_weight) == 0.5
+    x, eps = _point(getkey())
+    for logit, anchor in ((-jnp.inf, "linear"), (jnp.inf, "vp")):
+        pinned = eqx.tree_at(lambda f: f.anchor_logit, mixed, jnp.asarray(logit))
+        fixed = nd.NeuralGaussian(network=mixed.network, delta=mixed.delta, anchor=anchor)
+        for t in INTERIOR_TIMES:
+            assert max_abs(pinned.transform(eps, t, x), fixed.transform(eps, t, x)) < 1e-12
+
+    def mixed_sum(logit, t):
+        return jnp.sum(eqx.tree_at(lambda f: f.anchor_logit, mixed, logit).transform(eps, t, x))
+
+    for t in INTERIOR_TIMES:
+        slope = jax.grad(mixed_sum)(jnp.asarray(0.3), t)
+        assert abs(float(slope)) > 1e-4
+    with pytest.raises(ValueError, match="anchor_logit"):
+        nd.NeuralGaussian(network=mixed.network, anchor="mixed")
+    with pytest.raises(ValueError, match="anchor_logit"):
+        nd.NeuralGaussian(network=mixed.network, anchor="vp", anchor_logit=jnp.zeros(()))
 
 
 def test_learned_schedule_is_monotone_and_starts_near_vp(getkey):

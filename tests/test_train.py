@@ -179,6 +179,9 @@ def test_load_run(straight_run):
     z = jnp.zeros(2)
     assert run.model.velocity(z, 0.5).shape == (2,)
     assert not _bit_identical(run.model, run.raw_model)
+    # The default mixed anchor's weight is a trained parameter (it started at exactly 0.5).
+    forward = run.raw_model.forward
+    assert forward.anchor == "mixed" and abs(float(forward.vp_weight) - 0.5) > 1e-5
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
