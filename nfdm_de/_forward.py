@@ -227,10 +227,11 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
     NN_sigma): the same family, started from the fixed path with the better bound.
 
     `anchor` = "mixed" learns the anchor too: with w = sigmoid(`anchor_logit`) (a learnable
-    scalar), mu's base is (1 - w) (1 - t) x + w alpha(t) x and log sigma's base is
-    (1 - w) log sigma_linear + w log sigma_vp. Every w keeps both boundary conditions, and the
-    family contains the linear path (w = 0) and the VP path (w = 1) exactly, which an MLP
-    correction t(1 - t) NN(x, t) can only approximate (it would have to learn x h(t)).
+    scalar, 0 by default: w = 0.5), mu's base is (1 - w) (1 - t) x + w alpha(t) x and log
+    sigma's base is (1 - w) log sigma_linear + w log sigma_vp. Every w keeps both boundary
+    conditions, and the family contains the linear path (w = 0) and the VP path (w = 1)
+    exactly, which an MLP correction t(1 - t) NN(x, t) can only approximate (it would have to
+    learn x h(t)).
     """
 
     network: eqx.Module
@@ -238,15 +239,19 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
     anchor: str = eqx.field(default="linear", static=True)
     anchor_logit: Float[Array, ""] | None = None
 
+    def __post_init__(self):
+        # The mixed anchor starts halfway between the linear and the VP path (w = 0.5).
+        if self.anchor == "mixed" and self.anchor_logit is None:
+            self.anchor_logit = jnp.zeros(())
+
     def __check_init__(self):
         _check_delta(self.delta)
         if self.anchor not in ANCHORS:
             raise ValueError(f"`anchor` must be one of {ANCHORS}; got {self.anchor!r}.")
-        if (self.anchor == "mixed") != (self.anchor_logit is not None):
+        if self.anchor != "mixed" and self.anchor_logit is not None:
             raise ValueError(
-                "`anchor_logit` (the learnable weight of the VP path) is needed by, and only "
-                f"by, anchor='mixed'; got anchor={self.anchor!r} with anchor_logit="
-                f"{self.anchor_logit!r}."
+                "`anchor_logit` (the learnable weight of the VP path) belongs to "
+                f"anchor='mixed' only; got anchor={self.anchor!r}."
             )
 
     @property
@@ -283,11 +288,6 @@ def _anchor_moments(anchor: str, vp_weight, t: Array, x: Array, delta: float):
     return (1 - w) * linear[0] + w * vp[0], (1 - w) * linear[1] + w * vp[1]
 
 
-def _anchor_fields(anchor: str) -> dict:
-    # The mixed anchor starts halfway between the linear and the VP path (w = 0.5).
-    return {"anchor_logit": jnp.zeros(())} if anchor == "mixed" else {}
-
-
 def neural_gaussian(
     data_size: int,
     *,
@@ -309,4 +309,4 @@ def neural_gaussian(
         input_octaves=input_octaves,
         key=key,
     )
-    return NeuralGaussian(network=network, delta=delta, anchor=anchor, **_anchor_fields(anchor))
+    return NeuralGaussian(network=network, delta=delta, anchor=anchor)

@@ -26,7 +26,7 @@ import jax.random as jr
 from jaxtyping import Array, Float
 
 from ._custom_types import Key, Time
-from ._forward import NeuralGaussian, _anchor_fields
+from ._forward import NeuralGaussian
 from ._nn import FourierTimeFeatures, Predictor
 
 
@@ -291,4 +291,4 @@ def unet_neural_gaussian(
         zero_init_output=True,
         key=key,
     )
-    return NeuralGaussian(network=network, delta=delta, anchor=anchor, **_anchor_fields(anchor))
+    return NeuralGaussian(network=network, delta=delta, anchor=anchor)

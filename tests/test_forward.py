@@ -165,8 +165,7 @@ def test_mixed_anchor_contains_the_linear_and_vp_anchors_and_learns_its_weight(g
     for t in INTERIOR_TIMES:
         slope = jax.grad(mixed_sum)(jnp.asarray(0.3), t)
         assert abs(float(slope)) > 1e-4
-    with pytest.raises(ValueError, match="anchor_logit"):
-        nd.NeuralGaussian(network=mixed.network, anchor="mixed")
+    assert float(nd.NeuralGaussian(network=mixed.network, anchor="mixed").vp_weight) == 0.5
     with pytest.raises(ValueError, match="anchor_logit"):
         nd.NeuralGaussian(network=mixed.network, anchor="vp", anchor_logit=jnp.zeros(()))
 
