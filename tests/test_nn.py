@@ -47,3 +47,10 @@ def test_config_input_octaves_reach_both_networks_and_old_configs_load(getkey):
     del stored["model"]["input_octaves"], stored["model"]["forward_input_octaves"]
     loaded = nd.TrainConfig.from_dict(stored)
     assert loaded.model.input_octaves == 0 and loaded.model.forward_input_octaves == 0
+    # One stored before the anchor option was built around the linear path; the default is now
+    # the learned mixture, and a stored choice is kept.
+    assert nd.TrainConfig().model.forward_anchor is nd.AnchorChoice.MIXED
+    del stored["model"]["forward_anchor"]
+    assert nd.TrainConfig.from_dict(stored).model.forward_anchor is nd.AnchorChoice.LINEAR
+    stored["model"]["forward_anchor"] = "vp"
+    assert nd.TrainConfig.from_dict(stored).model.forward_anchor is nd.AnchorChoice.VP
