@@ -52,7 +52,8 @@ class VolatilityChoice(enum.Enum):
 
 
 class AnchorChoice(enum.Enum):
-    """The fixed path a learnable Gaussian forward process starts from and is gated around."""
+    """The path a learnable Gaussian forward process is gated around: a fixed one (linear, VP)
+    or a learned mixture of the two."""
 
     LINEAR = "linear"
     VP = "vp"

@@ -278,14 +278,15 @@ ANCHORS = ("linear", "vp", "mixed")
 
 
 def _anchor_moments(anchor: str, vp_weight, t: Array, x: Array, delta: float):
-    linear = ((1 - t) * x, _linear_log_scale(t, delta))
-    if anchor == "linear":
-        return linear
-    vp = _vp_moments(t, x, delta)
+    """(mu, log sigma) of the anchor path: only the paths the anchor needs are evaluated."""
     if anchor == "vp":
-        return vp
+        return _vp_moments(t, x, delta)
+    linear_mu, linear_log_sigma = (1 - t) * x, _linear_log_scale(t, delta)
+    if anchor == "linear":
+        return linear_mu, linear_log_sigma
+    vp_mu, vp_log_sigma = _vp_moments(t, x, delta)
     w = jnp.asarray(vp_weight, x.dtype)
-    return (1 - w) * linear[0] + w * vp[0], (1 - w) * linear[1] + w * vp[1]
+    return (1 - w) * linear_mu + w * vp_mu, (1 - w) * linear_log_sigma + w * vp_log_sigma
 
 
 def neural_gaussian(
