@@ -115,6 +115,13 @@ def train(
     likelihood_lr: Annotated[
         float | None, typer.Option(help="Peak learning rate of the likelihood phase (1e-3).")
     ] = None,
+    likelihood_batch: Annotated[
+        int | None,
+        typer.Option(
+            help="Examples per likelihood-phase step (default: --batch-size); a step costs in "
+            "proportion to it."
+        ),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Examples per step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW).")] = None,
     width: Annotated[int | None, typer.Option(help="Hidden width of the MLPs.")] = None,
@@ -196,6 +203,7 @@ def train(
         "steps": steps,
         "likelihood_steps": likelihood_steps,
         "likelihood_lr": likelihood_lr,
+        "likelihood_batch": likelihood_batch,
         "batch_size": batch_size,
         "lr": lr,
         "width": width,

@@ -485,6 +485,11 @@ def train(
     _check_run_directory(run_dir, config, resume)
     check_model_config(config.model)
     rows = process_rows(config.batch_size, mesh)
+    # This process's share of a likelihood-phase batch: the first rows of its share of a batch.
+    likelihood_rows = None
+    if config.likelihood_batch is not None and config.likelihood_steps > 0:
+        share = process_rows(config.likelihood_batch, mesh)
+        likelihood_rows = share.stop - share.start
     end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
 
     # Validate the data before creating anything on disk.
@@ -611,7 +616,10 @@ def train(
     interval_steps = 0
     try:
         while step < end:
-            batch = shard_batch(np.asarray(next(iterator), dtype), mesh)
+            host_batch = np.asarray(next(iterator), dtype)
+            if step >= config.steps and likelihood_rows is not None:
+                host_batch = host_batch[:likelihood_rows]
+            batch = shard_batch(host_batch, mesh)
             # Host scalars: replicated constants of the step on every device and process.
             lr = np.asarray(schedule(step), dtype)
             source_batch = None

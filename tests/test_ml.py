@@ -165,6 +165,26 @@ def test_phase_lowers_held_out_ode_nll(tmp_path):
     assert difference.mean() > 4 * stderr > 0
 
 
+def test_phase_with_a_smaller_batch_differs_and_resumes_bit_identically(phased_run, tmp_path):
+    small = dataclasses.replace(PHASED, likelihood_batch=16)
+    nd.train(small, str(tmp_path / "straight"))
+    nd.train(small, str(tmp_path / "resumed"), stop_at=35)
+    nd.train(small, str(tmp_path / "resumed"), resume=True)
+    straight = nd.load_run(str(tmp_path / "straight"))
+    resumed = nd.load_run(str(tmp_path / "resumed"))
+    full = nd.load_run(str(phased_run))
+    assert straight.step == resumed.step == 40
+    assert _bit_identical(straight.raw_model, resumed.raw_model)
+    # The first phase is the same run; only the likelihood steps saw the 16-row batches.
+    leaves = lambda run: jax.tree.leaves(eqx.filter(run.raw_model, eqx.is_inexact_array))
+    pairs = zip(leaves(straight), leaves(full), strict=True)
+    assert any(not np.array_equal(a, b) for a, b in pairs)
+    with pytest.raises(ValueError, match="likelihood_batch"):
+        dataclasses.replace(PHASED, likelihood_batch=0)
+    with pytest.raises(ValueError, match="must not exceed `batch_size`"):
+        dataclasses.replace(PHASED, likelihood_batch=65)
+
+
 def test_phase_refuses_what_it_cannot_do(phased_run, tmp_path):
     with pytest.raises(ValueError, match="likelihood_steps"):
         dataclasses.replace(PHASED, likelihood_steps=-1)
