@@ -54,6 +54,7 @@ def _resolve(base, settings: dict[str, Any]):
         "volatility": nd.VolatilityChoice,
         "schedule": nd.ScheduleChoice,
         "forward_anchor": nd.AnchorChoice,
+        "likelihood_trace": nd.TraceChoice,
     }
     for name, enum_type in enums.items():
         if name in settings and not isinstance(settings[name], enum_type):
@@ -120,6 +121,13 @@ def train(
         typer.Option(
             help="Examples per likelihood-phase step (default: --batch-size); a step costs in "
             "proportion to it."
+        ),
+    ] = None,
+    likelihood_trace: Annotated[
+        str | None,
+        typer.Option(
+            help="Divergence in the likelihood phase's solves: exact (default; D JVPs) or "
+            "hutchinson (one probe's JVP, unbiased; cheaper as D grows)."
         ),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Examples per step.")] = None,
@@ -204,6 +212,7 @@ def train(
         "likelihood_steps": likelihood_steps,
         "likelihood_lr": likelihood_lr,
         "likelihood_batch": likelihood_batch,
+        "likelihood_trace": likelihood_trace,
         "batch_size": batch_size,
         "lr": lr,
         "width": width,

@@ -27,6 +27,7 @@ from ._config import (
     ModelConfig as ModelConfig,
     OptimConfig as OptimConfig,
     ScheduleChoice as ScheduleChoice,
+    TraceChoice as TraceChoice,
     TrainConfig as TrainConfig,
     VolatilityChoice as VolatilityChoice,
     build_model as build_model,

@@ -60,6 +60,13 @@ class AnchorChoice(enum.Enum):
     MIXED = "mixed"  # a learned mixture of the two (NeuralGaussian.anchor_logit)
 
 
+class TraceChoice(enum.Enum):
+    """The divergence estimator of the likelihood phase's ODE solves."""
+
+    EXACT = "exact"
+    HUTCHINSON = "hutchinson"
+
+
 class ScheduleChoice(enum.Enum):
     """Learning-rate shape after the linear warm-up."""
 
@@ -215,6 +222,8 @@ class TrainConfig:
     # Examples per likelihood-phase step (None: `batch_size`). A step's cost is proportional to
     # it, and a smaller batch buys more steps of the phase for the same time.
     likelihood_batch: int | None = None
+    # `hutchinson`: one probe's JVP per evaluation instead of D (unbiased; for larger D).
+    likelihood_trace: TraceChoice = TraceChoice.EXACT
 
     def __post_init__(self):
         if not (isinstance(self.data, str) and self.data):
@@ -247,6 +256,7 @@ class TrainConfig:
             raise ValueError(
                 f"`likelihood_lr` must be a finite number > 0; got {self.likelihood_lr!r}."
             )
+        _check_enum("likelihood_trace", self.likelihood_trace, TraceChoice)
         if self.likelihood_batch is not None:
             _check_positive_int("likelihood_batch", self.likelihood_batch)
             if self.likelihood_batch > self.batch_size:
@@ -271,6 +281,7 @@ class TrainConfig:
         "likelihood_lr",
         "likelihood_tol",
         "likelihood_batch",
+        "likelihood_trace",
     )
 
     @property

@@ -46,6 +46,7 @@ from ._checkpoint import (
 from ._config import (
     OptimConfig,
     ScheduleChoice,
+    TraceChoice,
     TrainConfig,
     build_model,
     check_model_config,
@@ -73,6 +74,7 @@ from ._sharding import (
     replicate,
     shard_batch,
 )
+from ._terms import ExactTrace, Hutchinson
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -223,7 +225,7 @@ def train_step(
     def objective(params):
         model = eqx.combine(params, static)
         if likelihood is not None:
-            nll = ode_nll_loss(model, x, likelihood)
+            nll = ode_nll_loss(model, x, likelihood, key=loss_key)
             zero = jnp.zeros((), nll.dtype)
             return nll, LossBreakdown(nll, zero, zero, zero, zero)
         if isinstance(model, BridgeModel):
@@ -591,8 +593,9 @@ def train(
         num_levels=num_levels,
         time_power=float(config.model.time_power),
     )
+    trace = Hutchinson() if config.likelihood_trace is TraceChoice.HUTCHINSON else ExactTrace()
     likelihood_fn = functools.partial(
-        step_fn, likelihood=LikelihoodSolve(tol=config.likelihood_tol)
+        step_fn, likelihood=LikelihoodSolve(tol=config.likelihood_tol, trace=trace)
     )
 
     def header_for(step: int, loss_value: float) -> dict[str, Any]:
