@@ -112,6 +112,9 @@ def _config(name: str, settings: dict, budget: Budget, extra: dict | None) -> "n
         "save_every": budget.steps,
         "log_every": max(budget.steps // 10, 1),
         "warmup": min(200, budget.steps // 10),
+        # The simulation-free objective only: a likelihood phase is run (and reported) apart,
+        # by `train_nfdm_with_phase` / `--likelihood-steps`.
+        "likelihood_steps": 0,
         **settings,
         **(extra or {}),
     }
@@ -155,6 +158,7 @@ def steady_rate(name: str, settings: dict, budget: Budget, probe_steps: int = 20
         "seed": budget.seed,
         "num_train": 10_000,
         "log_every": probe_steps // 2,
+        "likelihood_steps": 0,
         **settings,
     }
     config = nd.update_config(nd.TrainConfig(), flat)

@@ -86,6 +86,8 @@ def main():
                 save_every=args.steps,
                 log_every=max(args.steps // 10, 1),
                 model=nd.ModelConfig(forward=forward),
+                # The two forward processes as the simulation-free objective trains them.
+                likelihood_steps=0,
             )
             run_dir = os.path.join(root, f"{name}-{forward.value}")
             t0 = time.perf_counter()

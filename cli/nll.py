@@ -141,7 +141,7 @@ def nll(
             )
         model = run.model
         optimises_ode = model.is_deterministic or (
-            run.config.likelihood_steps > 0 and run.step > run.config.steps
+            (run.config.likelihood_steps or 0) > 0 and run.step > run.config.steps
         )
         default = Method.ode if optimises_ode else Method.bound
         chosen = method or default

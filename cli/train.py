@@ -109,12 +109,13 @@ def train(
         int | None,
         typer.Option(
             help="Then this many steps of maximum likelihood through the probability-flow ODE "
-            "(vector data; exact trace, so cost grows with D). Resume a finished run with more "
-            "of them to fine-tune it."
+            "(vector data). Default: a tenth of --steps for continuous vector data of dimension "
+            "<= 16 without --source or --curvature, else 0; 0 turns the phase off. Resume a "
+            "finished run with more of them to fine-tune it."
         ),
     ] = None,
     likelihood_lr: Annotated[
-        float | None, typer.Option(help="Peak learning rate of the likelihood phase (1e-3).")
+        float | None, typer.Option(help="Peak learning rate of the likelihood phase (3e-3).")
     ] = None,
     likelihood_batch: Annotated[
         int | None,
@@ -126,8 +127,9 @@ def train(
     likelihood_trace: Annotated[
         str | None,
         typer.Option(
-            help="Divergence in the likelihood phase's solves: exact (default; D JVPs) or "
-            "hutchinson (one probe's JVP, unbiased; cheaper as D grows)."
+            help="Divergence in the likelihood phase's solves: auto (default: exact up to 4 "
+            "dimensions, else hutchinson), exact (D JVPs) or hutchinson (one probe's JVP, "
+            "unbiased; cheaper as D grows)."
         ),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Examples per step.")] = None,

@@ -59,6 +59,9 @@ def train_or_load(name, model_config, args) -> nd.LoadedRun:
         save_every=args.steps,
         log_every=max(args.steps // 10, 1),
         optim=dataclasses.replace(nd.OptimConfig(), warmup=min(200, args.steps // 10)),
+        # The ablation compares solvers on the simulation-free models; a likelihood phase would
+        # refit the baseline's ODE (and take minutes more on a CPU).
+        likelihood_steps=0,
     )
     existing = nd.read_run_config(run_dir)
     if existing is not None and existing.model != config.model:

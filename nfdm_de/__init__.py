@@ -31,6 +31,7 @@ from ._config import (
     TrainConfig as TrainConfig,
     VolatilityChoice as VolatilityChoice,
     build_model as build_model,
+    resolve_likelihood_phase as resolve_likelihood_phase,
     update_config as update_config,
 )
 from ._data import (

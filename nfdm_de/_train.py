@@ -51,6 +51,7 @@ from ._config import (
     build_model,
     check_model_config,
     config_differences,
+    resolve_likelihood_phase,
 )
 from ._data import (
     IMAGE_DATASETS,
@@ -487,12 +488,6 @@ def train(
     _check_run_directory(run_dir, config, resume)
     check_model_config(config.model)
     rows = process_rows(config.batch_size, mesh)
-    # This process's share of a likelihood-phase batch: the first rows of its share of a batch.
-    likelihood_rows = None
-    if config.likelihood_batch is not None and config.likelihood_steps > 0:
-        share = process_rows(config.likelihood_batch, mesh)
-        likelihood_rows = share.stop - share.start
-    end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
 
     # Validate the data before creating anything on disk.
     finite = is_file_reference(config.data) or config.data in ("digits", *IMAGE_DATASETS)
@@ -515,12 +510,20 @@ def train(
             )
         if num_levels is not None or dataset_num_levels(config.source) is not None:
             raise ValueError("bridges support continuous data only (no integer-valued sets).")
+    config = resolve_likelihood_phase(config, data_shape, discrete=num_levels is not None)
     if config.likelihood_steps > 0 and (config.source is not None or len(data_shape) != 1):
         raise ValueError(
             "the likelihood phase (likelihood_steps > 0) needs an NFDM on vector data: its exact "
             f"trace costs D network evaluations per ODE step; got data of shape {data_shape}"
             + (" and a bridge (--source)." if config.source is not None else ".")
         )
+
+    # This process's share of a likelihood-phase batch: the first rows of its share of a batch.
+    likelihood_rows = None
+    if config.likelihood_batch is not None and config.likelihood_steps > 0:
+        share = process_rows(config.likelihood_batch, mesh)
+        likelihood_rows = share.stop - share.start
+    end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
 
     checkpoint_dir = os.path.join(run_dir, CHECKPOINT_DIR)
     metrics_path = os.path.join(run_dir, METRICS_FILE)

@@ -28,6 +28,8 @@ TRAIN = [
     "1",
     "--steps",
     "20",
+    "--likelihood-steps",
+    "0",
     "--batch-size",
     "32",
     "--lr",

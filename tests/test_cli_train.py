@@ -108,6 +108,8 @@ def test_end_to_end_subprocess(tmp_path):
             "1",
             "--steps",
             "10",
+            "--likelihood-steps",
+            "0",
             "--batch-size",
             "16",
             "--run-dir",

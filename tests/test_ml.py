@@ -245,6 +245,46 @@ def test_phase_refuses_what_it_cannot_do(phased_run, tmp_path):
         nd.train(dataclasses.replace(PHASED, steps=35), str(phased_run), resume=True)
 
 
+def test_automatic_phase_settings_follow_the_data():
+    auto = nd.TrainConfig(steps=3000)
+    assert auto.likelihood_steps is None and auto.likelihood_trace is nd.TraceChoice.AUTO
+    resolve = nd.resolve_likelihood_phase
+    two_d = resolve(auto, (2,), discrete=False)
+    assert (two_d.likelihood_steps, two_d.likelihood_trace) == (300, nd.TraceChoice.EXACT)
+    ten_d = resolve(auto, (10,), discrete=False)
+    assert (ten_d.likelihood_steps, ten_d.likelihood_trace) == (300, nd.TraceChoice.HUTCHINSON)
+    assert resolve(dataclasses.replace(auto, steps=25), (2,), discrete=False).likelihood_steps == 2
+    # No phase where it does not apply or is too costly; the (moot) trace is left as given.
+    off = [
+        (auto, (64,), False),  # too many dimensions
+        (auto, (1, 8, 8), False),  # images
+        (auto, (2,), True),  # integer-valued data
+        (dataclasses.replace(auto, source="rings"), (2,), False),  # a bridge
+        (nd.update_config(auto, {"curvature": 1.0}), (2,), False),  # NFDM-OT
+    ]
+    for config, shape, discrete in off:
+        resolved = resolve(config, shape, discrete=discrete)
+        assert resolved == dataclasses.replace(config, likelihood_steps=0), (shape, discrete)
+    # Explicit settings are kept as given.
+    explicit = dataclasses.replace(auto, likelihood_steps=7, likelihood_trace=nd.TraceChoice.EXACT)
+    assert resolve(explicit, (10,), discrete=False) == explicit
+    with pytest.raises(ValueError, match="still automatic"):
+        _ = auto.total_steps
+
+
+def test_default_config_trains_with_a_phase_and_stores_it(phased_run, tmp_path):
+    automatic = dataclasses.replace(
+        PHASED, likelihood_steps=None, likelihood_trace=nd.TraceChoice.AUTO
+    )
+    result = nd.train(automatic, str(tmp_path))
+    stored = nd.read_run_config(str(tmp_path))
+    # A tenth of the 30 simulation-free steps, exact trace in 2-D: resolved in the run's config.
+    assert (stored.likelihood_steps, stored.likelihood_trace) == (3, nd.TraceChoice.EXACT)
+    assert result.steps == nd.load_run(str(tmp_path)).step == 33
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert records[-1]["phase"] == "likelihood" and records[-1]["step"] == 33
+
+
 def test_phase_divergence_names_the_phase_and_keeps_the_last_good_checkpoint(tmp_path):
     # An absurd rate in the likelihood phase: the next solve blows up (or runs out of steps).
     nd.train(dataclasses.replace(PHASED, likelihood_steps=0), str(tmp_path))

@@ -22,6 +22,7 @@ TINY = nd.TrainConfig(
     num_train=512,
     save_every=10,
     log_every=10,
+    likelihood_steps=0,  # the simulation-free loop only; the phase has its own tests
 )
 
 
