@@ -561,10 +561,18 @@ def train(
         iterator_state = source_iterator_state = None
         if resume and main:  # a run killed before its first checkpoint: forget its metrics
             _truncate_metrics(metrics_path, 0)
+    phase_plan = ""
+    if config.likelihood_steps > 0:
+        # Say so up front: the phase's steps cost far more than the first phase's.
+        phase_plan = (
+            f" ({config.steps} simulation-free, then {config.likelihood_steps} likelihood-phase "
+            f"steps with the {config.likelihood_trace.value} trace; --likelihood-steps 0 skips "
+            "them)"
+        )
     log(
         f"training {config.model.forward.value} / {config.model.volatility.value} on "
-        f"{config.data} ({data.shape[0]} examples of shape {data_shape}) to step {end} "
-        f"-> {run_dir}"
+        f"{config.data} ({data.shape[0]} examples of shape {data_shape}) to step {end}"
+        f"{phase_plan} -> {run_dir}"
     )
     # Every process has checked the run directory (and read a checkpoint) before any writes.
     barrier("nfdm_de.train.checked")

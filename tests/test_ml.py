@@ -276,7 +276,9 @@ def test_default_config_trains_with_a_phase_and_stores_it(phased_run, tmp_path):
     automatic = dataclasses.replace(
         PHASED, likelihood_steps=None, likelihood_trace=nd.TraceChoice.AUTO
     )
-    result = nd.train(automatic, str(tmp_path))
+    messages = []
+    result = nd.train(automatic, str(tmp_path), log=messages.append)
+    assert "30 simulation-free, then 3 likelihood-phase steps with the exact trace" in messages[0]
     stored = nd.read_run_config(str(tmp_path))
     # A tenth of the 30 simulation-free steps, exact trace in 2-D: resolved in the run's config.
     assert (stored.likelihood_steps, stored.likelihood_trace) == (3, nd.TraceChoice.EXACT)
