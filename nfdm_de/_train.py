@@ -665,7 +665,13 @@ def train(
             log_now = step % config.log_every == 0 or step == config.steps
             save_now = step % config.save_every == 0 or step == end
             if not (log_now or save_now):
-                # Keep the bar moving without forcing a device sync on every step.
+                # Keep the bar moving without forcing a device sync on every step; except in the
+                # likelihood phase, whose steps are ~100x slower (a sync is nothing there, and a
+                # bar updated only every `log_every` steps would sit still for minutes).
+                if step > config.steps and bar.stream is not None:
+                    elapsed = max(time.perf_counter() - interval_start, 1e-9)
+                    loss_now = float(jax.device_get(breakdown.total))
+                    bar.update(step, loss_now, interval_steps / elapsed)
                 continue
             terms = jax.device_get([(b, g) for _, b, g in pending])
             totals = np.array([float(b.total) for b, _ in terms])
