@@ -221,7 +221,7 @@ class TrainConfig:
     # default) lets `resolve_likelihood_phase` choose once the data is known: steps // 10 where
     # the phase applies and is affordable, else 0.
     likelihood_steps: int | None = None
-    # 3e-3 cut the phase's ODE gap by a third against 1e-3 (docs/peers.md, session 6).
+    # 3e-3 cut the phase's mean ODE gap from 0.044 to 0.034 against 1e-3 (docs/peers.md).
     likelihood_lr: float = 3e-3
     likelihood_tol: float = 1e-3
     # Examples per likelihood-phase step (None: `batch_size`). A step's cost is proportional to

@@ -273,6 +273,7 @@ def test_automatic_phase_settings_follow_the_data():
 
 
 def test_default_config_trains_with_a_phase_and_stores_it(phased_run, tmp_path):
+    # `phased_run` first: the same shapes, so this run reuses its compiled steps.
     automatic = dataclasses.replace(
         PHASED, likelihood_steps=None, likelihood_trace=nd.TraceChoice.AUTO
     )
