@@ -132,6 +132,14 @@ def train(
             "unbiased; cheaper as D grows)."
         ),
     ] = None,
+    likelihood_bound_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="The likelihood phase minimises ODE NLL + this weight x the simulation-free "
+            "bound (0.01), which keeps the bound and SDE sampling from drifting; 0: the ODE "
+            "NLL alone."
+        ),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Examples per step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW).")] = None,
     width: Annotated[int | None, typer.Option(help="Hidden width of the MLPs.")] = None,
@@ -215,6 +223,7 @@ def train(
         "likelihood_lr": likelihood_lr,
         "likelihood_batch": likelihood_batch,
         "likelihood_trace": likelihood_trace,
+        "likelihood_bound_weight": likelihood_bound_weight,
         "batch_size": batch_size,
         "lr": lr,
         "width": width,

@@ -230,6 +230,11 @@ class TrainConfig:
     # `exact`: D JVPs per evaluation; `hutchinson`: one probe's JVP (unbiased; for larger D);
     # `auto`: exact up to AUTO_EXACT_TRACE_MAX_DIM dimensions, Hutchinson above.
     likelihood_trace: TraceChoice = TraceChoice.AUTO
+    # The phase minimises ODE NLL + this weight x the simulation-free bound (stochastic models).
+    # With 0 the bound, which the ODE NLL does not see, drifted from +0.04 to +2.98 nats on
+    # eight-gaussians; 0.01 kept it at +0.16 for an ODE NLL within noise of 0's (+0.002 +- 0.002
+    # paired), 0.1 at +0.07 for +0.005 on the ODE (docs/train.md).
+    likelihood_bound_weight: float = 0.01
 
     def __post_init__(self):
         if not (isinstance(self.data, str) and self.data):
@@ -264,6 +269,15 @@ class TrainConfig:
                 f"`likelihood_lr` must be a finite number > 0; got {self.likelihood_lr!r}."
             )
         _check_enum("likelihood_trace", self.likelihood_trace, TraceChoice)
+        if not (
+            _is_real(self.likelihood_bound_weight)
+            and math.isfinite(self.likelihood_bound_weight)
+            and self.likelihood_bound_weight >= 0
+        ):
+            raise ValueError(
+                f"`likelihood_bound_weight` must be a finite number >= 0; got "
+                f"{self.likelihood_bound_weight!r}."
+            )
         if self.likelihood_batch is not None:
             _check_positive_int("likelihood_batch", self.likelihood_batch)
             if self.likelihood_batch > self.batch_size:
@@ -289,6 +303,7 @@ class TrainConfig:
         "likelihood_tol",
         "likelihood_batch",
         "likelihood_trace",
+        "likelihood_bound_weight",
     )
 
     @property

@@ -203,13 +203,16 @@ def train_step(
     time_power: float = 1.0,
     source_batch: Float[Array, " batch dim"] | None = None,
     likelihood: LikelihoodSolve | None = None,
+    bound_weight: float = 0.0,
     ema_step: Array | None = None,
 ) -> tuple[TrainState, LossBreakdown, Array]:
     """One optimiser step on `batch` (in the data's units) at integer `step`, learning rate `lr`.
 
     A bridge (`state.model` a `BridgeModel`) pairs `batch` with `source_batch` (source units).
     With `likelihood` set the objective is the batch-mean ODE NLL (`ode_nll_loss`, reported as
-    the breakdown's `total`; its other terms are zero) instead of the simulation-free loss.
+    the breakdown's `total`) instead of the simulation-free loss, plus `bound_weight` times the
+    simulation-free bound of a stochastic model, whose terms fill the rest of the breakdown
+    (zeros when `bound_weight` is 0).
     `ema_step` (default `step`) drives the EMA's warm-up, so a phase can restart it.
 
     Returns the new state, the batch-mean `LossBreakdown` and the gradient's global norm.
@@ -228,7 +231,16 @@ def train_step(
         if likelihood is not None:
             nll = ode_nll_loss(model, x, likelihood, key=loss_key)
             zero = jnp.zeros((), nll.dtype)
-            return nll, LossBreakdown(nll, zero, zero, zero, zero)
+            if bound_weight == 0 or model.is_deterministic:
+                return nll, LossBreakdown(nll, zero, zero, zero, zero)
+            # The ODE NLL alone moves the predictor and the forward process wherever the ODE's
+            # velocity wants them; the SDE's bound, which also compares their scores, then
+            # drifts up by nats, and refitting g alone afterwards recovered little of it. A
+            # small weight on the bound keeps it (docs/train.md has the measured trade-off).
+            bound_key = jr.fold_in(loss_key, 1)
+            bound, terms = loss(model, bound_key, x, time_power=time_power)
+            breakdown = LossBreakdown(nll, terms.diffusion, terms.prior, terms.reconstruction, zero)
+            return nll + bound_weight * bound, breakdown
         if isinstance(model, BridgeModel):
             source = state.source_transform.to_model(source_batch)
             return bridge_loss(model, loss_key, x, source, curvature_weight=curvature_weight)
@@ -606,7 +618,9 @@ def train(
     )
     trace = Hutchinson() if config.likelihood_trace is TraceChoice.HUTCHINSON else ExactTrace()
     likelihood_fn = functools.partial(
-        step_fn, likelihood=LikelihoodSolve(tol=config.likelihood_tol, trace=trace)
+        step_fn,
+        likelihood=LikelihoodSolve(tol=config.likelihood_tol, trace=trace),
+        bound_weight=float(config.likelihood_bound_weight),
     )
 
     def header_for(step: int, loss_value: float) -> dict[str, Any]:

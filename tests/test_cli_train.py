@@ -57,6 +57,7 @@ def test_help():
         "--json",
         "--likelihood-steps",
         "--likelihood-lr",
+        "--likelihood-bound-weight",
         "--input-octaves",
         "--forward-anchor",
     ):
@@ -169,6 +170,7 @@ def bad_files(tmp_path):
         (["--forward-anchor", "curved"], "unknown forward_anchor 'curved'"),
         (["--likelihood-steps", "-1"], "`likelihood_steps` must be an integer >= 0"),
         (["--likelihood-lr", "0"], "`likelihood_lr` must be a finite number > 0"),
+        (["--likelihood-bound-weight", "-1"], "`likelihood_bound_weight` must be a finite"),
         (["--input-octaves", "-1"], "`input_octaves` must be an integer in [0, 16]"),
         (["--data", "digits-images", "--likelihood-steps", "5"], "needs an NFDM on vector data"),
         (["--config", "{d}/none.toml"], "does not exist"),
@@ -242,12 +244,13 @@ def test_likelihood_phase_flags_and_nll_default(tmp_path):
     config = _tiny_toml(tmp_path / "c.toml", steps=6, save_every=3, log_every=3)
     args = ["train", "--config", str(config), "--run-dir", str(run_dir), "--json"]
     args += ["--likelihood-steps", "3", "--likelihood-lr", "5e-4", "--input-octaves", "2"]
-    args += ["--forward-anchor", "linear"]
+    args += ["--forward-anchor", "linear", "--likelihood-bound-weight", "0.1"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 9
     stored = json.loads((run_dir / "config.json").read_text())
     assert stored["likelihood_steps"] == 3 and stored["likelihood_lr"] == 5e-4
+    assert stored["likelihood_bound_weight"] == 0.1
     assert stored["model"]["input_octaves"] == 2 and stored["model"]["forward_anchor"] == "linear"
     phases = [json.loads(line)["phase"] for line in (run_dir / "metrics.jsonl").open()]
     assert phases == ["simulation-free", "simulation-free", "likelihood"]

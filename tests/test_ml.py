@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optax
 import pytest
 from gaussian_oracle import FORWARDS, gaussian_data, gaussian_log_prob, oracle_model
 from helpers import perturb
@@ -169,8 +170,12 @@ def test_phase_runs_logs_and_resumes_bit_identically(phased_run, tmp_path):
     phases = [r["phase"] for r in records]
     assert phases == ["simulation-free"] * 6 + ["likelihood"] * 2
     assert [r["step"] for r in records][-1] == 40
-    # Likelihood-phase rows report the ODE NLL as the loss, and its own learning rate.
-    assert all(r["diffusion"] == 0 and np.isfinite(r["loss"]) for r in records[6:])
+    # Likelihood-phase rows report the ODE NLL as the loss, the bound's terms (the phase keeps
+    # a weight on the bound) and the phase's own learning rate.
+    reconstruction = nd.load_run(str(phased_run)).model.reconstruction_nll()
+    for r in records[6:]:
+        assert np.isfinite(r["loss"]) and r["diffusion"] > 0
+        assert r["reconstruction"] == pytest.approx(reconstruction, rel=1e-5)
     assert records[6]["lr"] <= PHASED.likelihood_lr
     # Stop at the boundary and inside the phase; resuming gives the straight run exactly.
     nd.train(PHASED, str(tmp_path), stop_at=30)
@@ -204,6 +209,56 @@ def test_phase_lowers_held_out_ode_nll(tmp_path):
     assert difference.mean() > 4 * stderr > 0
 
 
+def test_phase_objective_is_the_ode_nll_plus_the_weighted_bound():
+    # One phase step with plain gradient descent moves the parameters by -lr x the objective's
+    # gradient, so the step is affine in the bound's weight w: (update(0) + update(1)) / 2 =
+    # update(1/2), to rounding (float64); w = 0 is the ODE NLL's own gradient step, and the
+    # bound changes the step. An oracle by linearity, independent of how the step draws keys.
+    with jax.enable_x64(True):
+        config = dataclasses.replace(PHASED, steps=1, likelihood_steps=1)
+        state = nd.init_train_state(config, (2,))
+        batch = jnp.asarray(nd.load_dataset("two-moons", split="train", num=16), jnp.float64)
+        descent = optax.identity()  # the raw gradient: train_step applies -lr itself
+        solve = nd.LikelihoodSolve(tol=1e-6)
+        state = eqx.tree_at(
+            lambda s: s.opt_state,
+            state,
+            descent.init(eqx.filter(state.model, eqx.is_inexact_array)),
+        )
+
+        def update(weight):
+            new, breakdown, _ = nd.train_step(
+                state,
+                batch,
+                jnp.asarray(3),
+                jnp.asarray(1e-2),
+                descent,
+                curvature_weight=0.0,
+                ema_decay=0.9,
+                num_levels=None,
+                time_power=3.0,
+                likelihood=solve,
+                bound_weight=weight,
+            )
+            moved = jax.tree.map(
+                lambda a, b: a - b,
+                eqx.filter(new.model, eqx.is_inexact_array),
+                eqx.filter(state.model, eqx.is_inexact_array),
+            )
+            return jnp.concatenate([jnp.ravel(m) for m in jax.tree.leaves(moved)]), breakdown
+
+        (zero, nll_only), (one, with_bound), (half, _) = update(0.0), update(1.0), update(0.5)
+        # w = 0 is the ODE NLL's own gradient step (exact trace: no key involved).
+        grads = eqx.filter_grad(lambda m: nd.ode_nll_loss(m, batch, solve, key=None))(state.model)
+        nll_step = jnp.concatenate([-1e-2 * jnp.ravel(g) for g in jax.tree.leaves(grads)])
+        np.testing.assert_allclose(zero, nll_step, rtol=0, atol=1e-12)
+        assert jnp.max(jnp.abs(one - zero)) > 1e-6
+        np.testing.assert_allclose(half, (zero + one) / 2, rtol=0, atol=1e-12)
+        # Both report the same ODE NLL; only the weighted one reports the bound's terms.
+        assert float(nll_only.total) == pytest.approx(float(with_bound.total), rel=1e-12)
+        assert float(nll_only.diffusion) == 0 and float(with_bound.diffusion) > 0
+
+
 def test_phase_with_small_hutchinson_batches_resumes_bit_identically(phased_run, tmp_path):
     small = dataclasses.replace(
         PHASED, likelihood_batch=16, likelihood_trace=nd.TraceChoice.HUTCHINSON
@@ -235,6 +290,9 @@ def test_phase_refuses_what_it_cannot_do(phased_run, tmp_path):
         dataclasses.replace(PHASED, likelihood_lr=0.0)
     with pytest.raises(ValueError, match="likelihood_tol"):
         dataclasses.replace(PHASED, likelihood_tol=1.5)
+    for weight in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="likelihood_bound_weight"):
+            dataclasses.replace(PHASED, likelihood_bound_weight=weight)
     with pytest.raises(ValueError, match="vector data"):
         nd.train(dataclasses.replace(PHASED, data="digits-images"), str(tmp_path / "images"))
     with pytest.raises(ValueError, match="bridge"):
