@@ -5,15 +5,24 @@ same budget (steps, batch, width, depth, learning rate).
 
     python benchmarks/density.py [--steps 3000] [--batch 256] [--width 128] [--depth 3]
         [--sets checkerboard,spirals,...] [--methods nfdm,vp,...] [--num-test 1000]
-        [--bound-samples 128]
+        [--bound-samples 128] [--seeds 0,1,2,3] [--likelihood-steps 300] [--jsonl FILE]
 
-Prints a Markdown table: per set and method, the gap of the bound and of the ODE NLL (exact
-trace, Dopri5 at rtol = atol = 1e-5), mean ± standard error over the held-out points, and the
-training seconds. Then the mean gap per method over the sets, and NFDM against each baseline as
-a paired difference over the same held-out points (NFDM minus baseline, mean ± s.e.; "lower" or
-"higher" when the difference is beyond 2 s.e., else "tie"), per set and quantity.
+Prints a Markdown table: per training seed, set and method, the gap of the bound and of the ODE
+NLL (exact trace, Dopri5 at rtol = atol = 1e-5), mean ± standard error over the held-out points,
+and the training seconds. Then the mean gap per method over the sets and seeds, and NFDM against
+each baseline as a paired difference over the same held-out points (NFDM minus baseline), per
+set and quantity: the mean over seeds of the per-seed paired means, with s.e. = root of the
+summed squared per-seed s.e. / number of seeds; "lower" or "higher" when the difference is
+beyond 2 s.e., else "tie".
+
+`--likelihood-steps N` also reports every method after an N-step likelihood phase (rows
+`<method>+ml`, the recipe `nfdm-de train` defaults to on small vector data), and compares
+`nfdm+ml` with each `<baseline>+ml` the same way. `--jsonl FILE` appends one JSON record per
+seed, set, method and quantity.
 """
 
+import json
+import math
 import sys
 
 import numpy as np
@@ -26,7 +35,7 @@ from _density_common import (
     gap,
     nfdm_nll,
     test_points,
-    train_nfdm,
+    train_nfdm_with_phase,
     true_nll,
 )
 
@@ -35,89 +44,148 @@ import nfdm_de as nd
 DENSITY_METHODS = ("nfdm", "vp", "learned-schedule", "linear")
 
 
+def _seeds(args, parser) -> list[int]:
+    if args.seeds is None:
+        return [args.seed]
+    try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers; got {args.seeds!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds must list distinct integers; got {args.seeds!r}")
+    return seeds
+
+
 def main(argv=None):
     parser = budget_parser(
         __doc__, sets=",".join(DEFAULT_SETS[:5] + ("gmm-10d",)), methods=",".join(DENSITY_METHODS)
     )
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated training seeds, results averaged over them (overrides --seed)",
+    )
     args = parser.parse_args(argv)
-    budget = Budget(args.steps, args.batch, args.width, args.depth, args.lr, args.seed)
+    seeds = _seeds(args, parser)
     sets = [s for s in args.sets.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         if m not in NFDM_METHODS:
             parser.error(f"unknown method {m!r}; expected some of {sorted(NFDM_METHODS)}")
+    if args.likelihood_steps < 0:
+        parser.error(f"--likelihood-steps must be >= 0; got {args.likelihood_steps}")
 
     rows, means, per_point = [], {}, {}
-    for name in sets:
-        x = test_points(name, args.num_test)
-        truth = true_nll(name, x)
-        for method in methods:
-            settings, which = NFDM_METHODS[method]
-            run, train_seconds = train_nfdm(name, settings, budget)
-            nll = nfdm_nll(run, x, which, seed=args.seed, bound_samples=args.bound_samples)
-            cells = {}
-            for q in ("bound", "ode"):
-                if q in nll:
-                    per_point[(name, method, q)] = np.asarray(nll[q])
-                    cells[q] = gap(nll[q], truth)
-                    means.setdefault((method, q), []).append(cells[q][0])
-            eval_seconds = nll.get("ode_seconds", 0.0) + nll.get("bound_seconds", 0.0)
-            row = (
-                f"| {name} | {method} | {fmt(*cells['bound']) if 'bound' in cells else '—'} | "
-                f"{fmt(*cells['ode']) if 'ode' in cells else '—'} | {train_seconds:.0f} | "
-                f"{eval_seconds:.0f} |"
-            )
-            rows.append(row)
-            print(row, file=sys.stderr, flush=True)
+    labels = []  # methods, then their "+ml" variants, in the order first seen
+    for seed in seeds:
+        budget = Budget(args.steps, args.batch, args.width, args.depth, args.lr, seed)
+        for name in sets:
+            x = test_points(name, args.num_test)
+            truth = true_nll(name, x)
+            for method in methods:
+                settings, which = NFDM_METHODS[method]
+                runs = train_nfdm_with_phase(name, settings, budget, args.likelihood_steps)
+                for suffix, run, train_seconds in runs:
+                    label = method + suffix
+                    if label not in labels:
+                        labels.append(label)
+                    nll = nfdm_nll(run, x, which, seed=seed, bound_samples=args.bound_samples)
+                    eval_seconds = nll.get("ode_seconds", 0.0) + nll.get("bound_seconds", 0.0)
+                    cells = {}
+                    for q in ("bound", "ode"):
+                        if q not in nll:
+                            continue
+                        per_point[(seed, name, label, q)] = np.asarray(nll[q]) - truth
+                        cells[q] = gap(nll[q], truth)
+                        means.setdefault((label, q), []).append(cells[q][0])
+                        if args.jsonl:
+                            record = dict(seed=seed, set=name, method=label, nll=q)
+                            record.update(gap=cells[q][0], stderr=cells[q][1])
+                            record.update(train_s=train_seconds, eval_s=eval_seconds)
+                            with open(args.jsonl, "a") as f:
+                                f.write(json.dumps(record) + "\n")
+                    row = (
+                        f"| {seed} | {name} | {label} | "
+                        f"{fmt(*cells['bound']) if 'bound' in cells else '—'} | "
+                        f"{fmt(*cells['ode']) if 'ode' in cells else '—'} | "
+                        f"{train_seconds:.0f} | {eval_seconds:.0f} |"
+                    )
+                    rows.append(row)
+                    print(row, file=sys.stderr, flush=True)
 
     print(
-        f"\nBudget: {budget.steps} steps, batch {budget.batch}, width {budget.width}, depth "
-        f"{budget.depth}, peak lr {budget.lr or nd.OptimConfig().lr} (cosine), seed "
-        f"{budget.seed}; {args.num_test} held-out "
-        "points per set. Gap = model NLL - true NLL (nats), mean ± s.e.\n"
+        f"\nBudget: {args.steps} steps, batch {args.batch}, width {args.width}, depth "
+        f"{args.depth}, peak lr {args.lr or nd.OptimConfig().lr} (cosine), training seed(s) "
+        f"{','.join(map(str, seeds))}"
+        + (f", likelihood phase {args.likelihood_steps} steps (+ml)" * bool(args.likelihood_steps))
+        + f"; {args.num_test} held-out points per set. Gap = model NLL - true NLL (nats), "
+        "mean ± s.e.\n"
     )
-    print("| set | method | bound gap | ODE NLL gap | train s | eval s |")
-    print("|---|---|---|---|---|---|")
+    print("| seed | set | method | bound gap | ODE NLL gap | train s | eval s |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print("\n| method | mean bound gap | mean ODE gap |")
+    print(f"\n| method | mean bound gap | mean ODE gap |   (over sets and {len(seeds)} seed(s))")
     print("|---|---|---|")
-    for method in methods:
-        b = means.get((method, "bound"))
-        o = means.get((method, "ode"))
+    for label in labels:
+        b = means.get((label, "bound"))
+        o = means.get((label, "ode"))
         print(
-            f"| {method} | {fmt(float(np.mean(b))) if b else '—'} | "
+            f"| {label} | {fmt(float(np.mean(b))) if b else '—'} | "
             f"{fmt(float(np.mean(o))) if o else '—'} |"
         )
 
-    if "nfdm" in methods:
-        print_paired(sets, [m for m in methods if m != "nfdm"], per_point)
+    for suffix in ("", "+ml") if args.likelihood_steps else ("",):
+        if "nfdm" + suffix in labels:
+            baselines = [m + suffix for m in methods if m != "nfdm" and m + suffix in labels]
+            print_paired(seeds, sets, "nfdm" + suffix, baselines, per_point)
 
 
-def print_paired(sets, baselines, per_point):
-    """NFDM minus each baseline per set and quantity, paired over the held-out points: the
-    points' own spread cancels, so small differences that the per-method error bars hide show."""
-    print("\n| set | quantity | " + " | ".join(f"NFDM − {b}" for b in baselines) + " |")
+def paired_over_seeds(seeds, name, mine, theirs, q, per_point) -> tuple[float, float] | None:
+    """`mine` minus `theirs` on set `name`: per seed the mean ± s.e. of the per-point difference,
+    then the mean over seeds with s.e. = sqrt(sum of squared s.e.) / number of seeds. None when
+    either is missing for some seed."""
+    cells = []
+    for seed in seeds:
+        a, b = per_point.get((seed, name, mine, q)), per_point.get((seed, name, theirs, q))
+        if a is None or b is None:
+            return None
+        cells.append(gap(a, b))
+    mean = float(np.mean([m for m, _ in cells]))
+    stderr = math.sqrt(sum(se**2 for _, se in cells)) / len(cells)
+    return mean, stderr
+
+
+def print_paired(seeds, sets, mine, baselines, per_point):
+    """`mine` minus each baseline per set and quantity, paired over the held-out points (the
+    points' own spread cancels, so small differences that the per-method error bars hide show)
+    and averaged over the seeds."""
+    print("\n| set | quantity | " + " | ".join(f"{mine} − {b}" for b in baselines) + " |")
     print("|---|---|" + "---|" * len(baselines))
-    wins = {}
+    lowest, significant = {}, {}
     for name in sets:
         for q in ("bound", "ode"):
-            mine = per_point.get((name, "nfdm", q))
-            if mine is None:
+            if (seeds[0], name, mine, q) not in per_point:
                 continue
-            cells, lower_than_all = [], True
+            cells, below_all, below_all_2se = [], True, True
             for b in baselines:
-                theirs = per_point.get((name, b, q))
-                if theirs is None:
+                result = paired_over_seeds(seeds, name, mine, b, q, per_point)
+                if result is None:
                     cells.append("—")
                     continue
-                mean, se = gap(mine, theirs)
+                mean, se = result
                 verdict = "lower" if mean + 2 * se < 0 else "higher" if mean - 2 * se > 0 else "tie"
-                lower_than_all &= mean < 0
+                below_all &= mean < 0
+                below_all_2se &= verdict == "lower"
                 cells.append(f"{mean:+.3f} ± {se:.3f} ({verdict})")
-            wins.setdefault(q, []).append(lower_than_all)
+            lowest.setdefault(q, []).append(below_all)
+            significant.setdefault(q, []).append(below_all_2se)
             print(f"| {name} | {q} | " + " | ".join(cells) + " |")
-    for q, flags in wins.items():
-        print(f"\nNFDM's {q} is the lowest of all methods on {sum(flags)} of {len(flags)} sets.")
+    for q, flags in lowest.items():
+        print(
+            f"\n{mine}'s {q} is the lowest of all methods on {sum(flags)} of {len(flags)} sets "
+            f"(by point estimate); below every baseline beyond 2 s.e. on "
+            f"{sum(significant[q])} of {len(flags)}."
+        )
 
 
 if __name__ == "__main__":

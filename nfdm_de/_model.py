@@ -20,6 +20,13 @@ class NFDM(eqx.Module):
     - ODE (probability flow):   dz/dt = v(z, t) = f(z, t, x_hat(z, t))
     - SDE (run from t=1 to 0):  dz = f^B(z, t, x_hat(z, t)) dt + g(t) dw_bar
 
+    Both share the one predictor. For a fixed Gaussian path (linear, VP) f and f^B are affine
+    in x, so the x_hat that makes the SDE drift exact (the posterior mean, which the bound
+    trains for) makes the ODE exact too. For a learnable forward process they are not, and no
+    single x_hat makes both exact: a model trained on the bound alone has a biased
+    probability-flow ODE even with a perfect predictor
+    (`tests/test_probability_flow_oracle.py`).
+
     **Arguments:**
 
     - `forward`: any `AbstractForwardProcess`.
