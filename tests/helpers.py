@@ -1,5 +1,9 @@
 """Test helpers: a table of every forward process, perturbation, and tolerance policy."""
 
+import os
+import subprocess
+import sys
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -13,6 +17,21 @@ IDENTITY_TOL = 1e-8
 FINITE_DIFFERENCE_TOL = 1e-4
 
 DATA_SIZE = 3
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """Run `benchmarks/<script>` as a user would (from the benchmarks folder, with the repository
+    importable), capturing its output."""
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+        capture_output=True,
+        text=True,
+        cwd=os.path.join(ROOT, "benchmarks"),
+        env={**os.environ, "PYTHONPATH": ROOT},
+        timeout=600,
+    )
 
 
 def perturb(module, key, scale=0.3):

@@ -2,13 +2,12 @@
 
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from helpers import ROOT, run_benchmark
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from density import paired_over_seeds  # noqa: E402
@@ -42,13 +41,6 @@ def test_paired_difference_is_averaged_over_seeds_with_the_stated_error():
     ],
 )
 def test_bad_options_fail_before_training(args, message):
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "density.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=os.path.join(ROOT, "benchmarks"),
-        env={**os.environ, "PYTHONPATH": ROOT},
-        timeout=300,
-    )
+    result = run_benchmark("density.py", args)
     assert result.returncode == 2
     assert message in result.stderr

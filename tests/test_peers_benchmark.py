@@ -1,10 +1,6 @@
 """benchmarks/peers.py: a missing peer package is skipped with a message, not a crash."""
 
-import os
-import subprocess
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_benchmark
 
 
 def test_maf_is_skipped_or_run_cleanly():
@@ -15,14 +11,7 @@ def test_maf_is_skipped_or_run_cleanly():
     except ImportError:
         have = False
     args = ["--steps", "3", "--sets", "eight-gaussians", "--methods", "maf", "--num-test", "20"]
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "peers.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=os.path.join(ROOT, "benchmarks"),
-        env={**os.environ, "PYTHONPATH": ROOT},
-        timeout=600,
-    )
+    result = run_benchmark("peers.py", args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| set | method | NLL | gap |" in result.stdout
     if have:

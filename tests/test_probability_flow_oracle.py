@@ -72,7 +72,9 @@ def _mismatches(forward, key):
 
 def _perturbed_neural_gaussian(key, scale):
     """A NeuralGaussian (mixed anchor) whose zero-initialised output weights are set to random
-    values: x-dependent mean and scale corrections, as after training."""
+    values: x-dependent mean and scale corrections, as after training. (Not `helpers.perturb`,
+    which perturbs every layer: the map x -> f(z, t, x) can then lose invertibility and the
+    Newton solves below need not converge.)"""
     init_key, output_key = jr.split(key)
     forward = nd.neural_gaussian(2, width=16, depth=2, delta=0.1, anchor="mixed", key=init_key)
     weight = forward.network.output.weight
