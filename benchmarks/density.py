@@ -11,9 +11,9 @@ Prints a Markdown table: per training seed, set and method, the gap of the bound
 NLL (exact trace, Dopri5 at rtol = atol = 1e-5), mean ± standard error over the held-out points,
 and the training seconds. Then the mean gap per method over the sets and seeds, and NFDM against
 each baseline as a paired difference over the same held-out points (NFDM minus baseline), per
-set and quantity: the mean over seeds of the per-seed paired means, with s.e. = root of the
-summed squared per-seed s.e. / number of seeds; "lower" or "higher" when the difference is
-beyond 2 s.e., else "tie".
+set and quantity: the mean over seeds and points of the per-point difference, with an s.e. that
+counts both the held-out points (shared by all seeds) and the seed-to-seed spread (see
+`paired_over_seeds`); "lower" or "higher" when the difference is beyond 2 s.e., else "tie".
 
 `--likelihood-steps N` also reports every method after an N-step likelihood phase (rows
 `<method>+ml`, the recipe `nfdm-de train` defaults to on small vector data), and compares
@@ -141,18 +141,30 @@ def main(argv=None):
 
 
 def paired_over_seeds(seeds, name, mine, theirs, q, per_point) -> tuple[float, float] | None:
-    """`mine` minus `theirs` on set `name`: per seed the mean ± s.e. of the per-point difference,
-    then the mean over seeds with s.e. = sqrt(sum of squared s.e.) / number of seeds. None when
-    either is missing for some seed."""
-    cells = []
+    """`mine` minus `theirs` on set `name`, paired over the held-out points and averaged over the
+    training seeds: (mean, standard error). None when either is missing for some seed.
+
+    Every seed is scored on the *same* held-out points, so the per-seed errors are not
+    independent: the points' share of the error is common to all seeds and does not shrink with
+    their number. The standard error therefore adds two estimated variances, that of the
+    seed-averaged per-point difference over the points (held-out sampling and the bound's Monte
+    Carlo noise) / n, and that of the per-seed means over the seeds (training-seed variation)
+    / S. (The Monte Carlo part enters both, so this errs on the wide side.)"""
+    rows = []
     for seed in seeds:
         a, b = per_point.get((seed, name, mine, q)), per_point.get((seed, name, theirs, q))
         if a is None or b is None:
             return None
-        cells.append(gap(a, b))
-    mean = float(np.mean([m for m, _ in cells]))
-    stderr = math.sqrt(sum(se**2 for _, se in cells)) / len(cells)
-    return mean, stderr
+        rows.append(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    difference = np.stack(rows)  # (seeds, points)
+    finite = np.isfinite(difference).all(axis=0)
+    if finite.any():
+        difference = difference[:, finite]
+    seed_averaged = difference.mean(axis=0)
+    variance = seed_averaged.var(ddof=1) / seed_averaged.size if seed_averaged.size > 1 else 0.0
+    if len(rows) > 1:
+        variance += difference.mean(axis=1).var(ddof=1) / len(rows)
+    return float(seed_averaged.mean()), math.sqrt(variance)
 
 
 def print_paired(seeds, sets, mine, baselines, per_point):
