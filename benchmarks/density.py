@@ -6,6 +6,7 @@ same budget (steps, batch, width, depth, learning rate).
     python benchmarks/density.py [--steps 3000] [--batch 256] [--width 128] [--depth 3]
         [--sets checkerboard,spirals,...] [--methods nfdm,vp,...] [--num-test 1000]
         [--bound-samples 128] [--seeds 0,1,2,3] [--likelihood-steps 300] [--jsonl FILE]
+        [--save-points DIR]
 
 Prints a Markdown table: per training seed, set and method, the gap of the bound and of the ODE
 NLL (exact trace, Dopri5 at rtol = atol = 1e-5), mean ± standard error over the held-out points,
@@ -18,11 +19,15 @@ counts both the held-out points (shared by all seeds) and the seed-to-seed sprea
 `--likelihood-steps N` also reports every method after an N-step likelihood phase (rows
 `<method>+ml`, the recipe `nfdm-de train` defaults to on small vector data), and compares
 `nfdm+ml` with each `<baseline>+ml` the same way. `--jsonl FILE` appends one JSON record per
-seed, set, method and quantity.
+seed, set, method and quantity. `--save-points DIR` also saves each per-point gap array as
+`DIR/<set>_<method>_s<seed>_<quantity>.npy`, so runs split over processes (say one seed each)
+can be compared afterwards with `paired_over_seeds(..., load_points(DIR))`.
 """
 
 import json
 import math
+import os
+import re
 import sys
 
 import numpy as np
@@ -65,8 +70,16 @@ def main(argv=None):
         default=None,
         help="comma-separated training seeds, results averaged over them (overrides --seed)",
     )
+    parser.add_argument(
+        "--save-points",
+        default=None,
+        metavar="DIR",
+        help="also save every per-point gap array here (see load_points)",
+    )
     args = parser.parse_args(argv)
     seeds = _seeds(args, parser)
+    if args.save_points is not None:
+        os.makedirs(args.save_points, exist_ok=True)
     sets = [s for s in args.sets.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
@@ -96,6 +109,11 @@ def main(argv=None):
                         if q not in nll:
                             continue
                         per_point[(seed, name, label, q)] = np.asarray(nll[q]) - truth
+                        if args.save_points is not None:
+                            np.save(
+                                _points_file(args.save_points, seed, name, label, q),
+                                per_point[(seed, name, label, q)],
+                            )
                         cells[q] = gap(nll[q], truth)
                         means.setdefault((label, q), []).append(cells[q][0])
                         if args.jsonl:
@@ -138,6 +156,23 @@ def main(argv=None):
         if "nfdm" + suffix in labels:
             baselines = [m + suffix for m in methods if m != "nfdm" and m + suffix in labels]
             print_paired(seeds, sets, "nfdm" + suffix, baselines, per_point)
+
+
+def _points_file(directory: str, seed: int, name: str, label: str, q: str) -> str:
+    return os.path.join(directory, f"{name}_{label}_s{seed}_{q}.npy")
+
+
+def load_points(directory: str) -> dict:
+    """The per-point gap arrays `--save-points` wrote, keyed like `paired_over_seeds` expects:
+    (seed, set, method, quantity) -> array."""
+    pattern = re.compile(r"^(?P<name>.+)_(?P<label>[^_]+)_s(?P<seed>-?\d+)_(?P<q>bound|ode)\.npy$")
+    out = {}
+    for entry in sorted(os.listdir(directory)):
+        match = pattern.match(entry)
+        if match:
+            key = (int(match["seed"]), match["name"], match["label"], match["q"])
+            out[key] = np.load(os.path.join(directory, entry))
+    return out
 
 
 def paired_over_seeds(seeds, name, mine, theirs, q, per_point) -> tuple[float, float] | None:

@@ -10,7 +10,7 @@ from helpers import ROOT, run_benchmark
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from density import paired_over_seeds  # noqa: E402
+from density import _points_file, load_points, paired_over_seeds  # noqa: E402
 
 
 def _synthetic_scores(rng, num_seeds, num_points, point_sd, seed_sd, noise_sd, true_shift):
@@ -67,6 +67,25 @@ def test_paired_standard_error_matches_the_estimators_spread(point_sd, seed_sd):
     typical = math.sqrt(np.mean(np.square(stated)))
     # Errs on the wide side only by the Monte Carlo term counted twice (at most ~sqrt(2)).
     assert 0.85 * actual < typical < 1.5 * actual
+
+
+def test_saved_points_load_back_under_their_keys(tmp_path):
+    # Runs split over processes are compared afterwards from the files `--save-points` wrote.
+    rng = np.random.default_rng(2)
+    saved = {
+        (seed, name, label, q): rng.normal(size=5)
+        for seed in (0, 11)
+        for name in ("two-moons", "gmm-10d")
+        for label in ("nfdm", "learned-schedule", "nfdm+ml")
+        for q in ("bound", "ode")
+    }
+    for (seed, name, label, q), array in saved.items():
+        np.save(_points_file(str(tmp_path), seed, name, label, q), array)
+    (tmp_path / "notes.txt").write_text("not a gap array")
+    loaded = load_points(str(tmp_path))
+    assert loaded.keys() == saved.keys()
+    for key, array in saved.items():
+        np.testing.assert_array_equal(loaded[key], array)
 
 
 @pytest.mark.parametrize(
