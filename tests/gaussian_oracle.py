@@ -10,6 +10,7 @@ density is N(m, S + delta^2 I) in closed form.
 import math
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -64,3 +65,24 @@ FORWARDS = {
     "linear": lambda: nd.LinearInterpolant(delta=0.05),
     "vp": lambda: nd.VariancePreserving(delta=0.05),
 }
+
+
+class MarkovVolatility(nd.AbstractVolatility):
+    """g(t) of the Markov diffusion whose marginals are the path's: g^2 = d(s^2)/dt - 2 s^2
+    d(log a)/dt for mu = a(t) x, sigma = s(t). With it the forward process conditioned on x is
+    the Markov diffusion's bridge, which is what makes the bound of a fixed Gaussian path with
+    the posterior-mean predictor schedule-independent (see `test_bound_oracle.py`)."""
+
+    forward: nd.AbstractGaussianForwardProcess
+    data_size: int = eqx.field(static=True)
+
+    def __call__(self, t):
+        def coefficients(t):
+            one = jnp.ones((self.data_size,), jnp.asarray(t).dtype)
+            mu, log_sigma = self.forward.mean_and_log_scale(one, t)
+            mu0, _ = self.forward.mean_and_log_scale(jnp.zeros_like(one), t)
+            return (mu - mu0)[0], jnp.exp(2 * log_sigma[0])
+
+        t = jnp.asarray(t, float)
+        (a, variance), (da, dvariance) = jax.jvp(coefficients, (t,), (jnp.ones_like(t),))
+        return jnp.sqrt(dvariance - 2 * variance * da / a)
