@@ -18,15 +18,20 @@ import numpy as np
 import nfdm_de as nd
 
 
+def path_coefficients(forward, t, data_size):
+    """a(t) and s(t) of a Gaussian path mu = a(t) x, sigma = s(t), read from the process itself:
+    mu(1, t) = a(t), log sigma = log s(t)."""
+    mu, log_sigma = forward.mean_and_log_scale(jnp.ones((data_size,), jnp.asarray(t).dtype), t)
+    return mu[0], jnp.exp(log_sigma[0])
+
+
 class PosteriorMean(eqx.Module):
     forward: nd.AbstractGaussianForwardProcess
     mean: jnp.ndarray
     cov: jnp.ndarray
 
     def coefficients(self, t):
-        # a(t) and s(t) from the process itself: mu(1, t) = a(t), log sigma = log s(t).
-        mu, log_sigma = self.forward.mean_and_log_scale(jnp.ones_like(self.mean), t)
-        return mu[0], jnp.exp(log_sigma[0])
+        return path_coefficients(self.forward, t, self.mean.shape[0])
 
     def __call__(self, z, t):
         t = jnp.asarray(t, z.dtype)
@@ -78,10 +83,8 @@ class MarkovVolatility(nd.AbstractVolatility):
 
     def __call__(self, t):
         def coefficients(t):
-            one = jnp.ones((self.data_size,), jnp.asarray(t).dtype)
-            mu, log_sigma = self.forward.mean_and_log_scale(one, t)
-            mu0, _ = self.forward.mean_and_log_scale(jnp.zeros_like(one), t)
-            return (mu - mu0)[0], jnp.exp(2 * log_sigma[0])
+            a, s = path_coefficients(self.forward, t, self.data_size)
+            return a, s**2
 
         t = jnp.asarray(t, float)
         (a, variance), (da, dvariance) = jax.jvp(coefficients, (t,), (jnp.ones_like(t),))
