@@ -54,6 +54,7 @@ def _resolve(base, settings: dict[str, Any]):
         "volatility": nd.VolatilityChoice,
         "schedule": nd.ScheduleChoice,
         "forward_anchor": nd.AnchorChoice,
+        "predictor_skip": nd.PredictorSkipChoice,
         "likelihood_trace": nd.TraceChoice,
     }
     for name, enum_type in enums.items():
@@ -166,6 +167,13 @@ def train(
             "a learned mixture of the two others), vp or linear."
         ),
     ] = None,
+    predictor_skip: Annotated[
+        str | None,
+        typer.Option(
+            help="Skip connection of the predictor: gaussian (default; the posterior mean on the "
+            "forward process's reference path) or linear (the earlier (1 - t) z form)."
+        ),
+    ] = None,
     channels: Annotated[
         int | None, typer.Option(help="Base channels of the U-Nets (image data; default 8).")
     ] = None,
@@ -233,6 +241,7 @@ def train(
         "channels": channels,
         "input_octaves": input_octaves,
         "forward_anchor": forward_anchor,
+        "predictor_skip": predictor_skip,
         "seed": seed,
         "warmup": warmup,
         "schedule": schedule,

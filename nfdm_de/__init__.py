@@ -26,6 +26,7 @@ from ._config import (
     ForwardChoice as ForwardChoice,
     ModelConfig as ModelConfig,
     OptimConfig as OptimConfig,
+    PredictorSkipChoice as PredictorSkipChoice,
     ScheduleChoice as ScheduleChoice,
     TraceChoice as TraceChoice,
     TrainConfig as TrainConfig,

@@ -23,7 +23,7 @@ import jax.random as jr
 from jaxtyping import Array, Float
 
 from ._custom_types import Data, Key, Scalar, Time
-from ._nn import MonotoneUnitInterval, TimeConditionedMLP
+from ._nn import MonotoneUnitInterval, TimeConditionedMLP, linear_reference_path
 
 
 def _standard_normal_log_prob(eps: Array) -> Array:
@@ -101,6 +101,14 @@ class AbstractForwardProcess(eqx.Module):
         velocity, score = self.velocity_and_score(z, t, x)
         return velocity - 0.5 * g**2 * score
 
+    def reference_path(self, t: Time) -> tuple[Scalar, Scalar]:
+        """(a(t), sigma(t)) of the data-independent Gaussian path z = a x + sigma eps that this
+        process follows or is built around; the library's `Predictor` is preconditioned on it.
+
+        The default is the linear path; a process closer to another path overrides it.
+        """
+        return linear_reference_path(t, self.delta)
+
 
 class AbstractGaussianForwardProcess(AbstractForwardProcess):
     """F(eps, t, x) = mu(x, t) + sigma(x, t) * eps, with closed-form velocity and score.
@@ -164,16 +172,26 @@ class LinearInterpolant(AbstractGaussianForwardProcess):
         return (1 - t) * x, jnp.broadcast_to(_linear_log_scale(t, self.delta), x.shape)
 
 
-def _vp_moments(h: Array, x: Array, delta: float) -> tuple[Array, Array]:
-    """Cosine variance-preserving moments at warped time h in [0, 1].
+def _vp_coefficients(h: Array, delta: float) -> tuple[Array, Array]:
+    """(alpha, log sigma) of the cosine variance-preserving path at warped time h in [0, 1].
 
     alpha = cos(pi h / 2) and sigma^2 = 1 - (1 - delta^2) alpha^2, so that sigma(0) = delta and
     sigma(1) = 1 exactly, and alpha^2 + sigma^2 = 1 + delta^2 alpha^2 (variance preserving up to
     delta^2).
     """
     alpha = jnp.cos(0.5 * math.pi * h)
-    sigma_sq = 1 - (1 - delta**2) * alpha**2
-    return alpha * x, jnp.broadcast_to(0.5 * jnp.log(sigma_sq), x.shape)
+    return alpha, 0.5 * jnp.log(1 - (1 - delta**2) * alpha**2)
+
+
+def _vp_moments(h: Array, x: Array, delta: float) -> tuple[Array, Array]:
+    """Cosine variance-preserving moments (mu, log sigma) at warped time h (`_vp_coefficients`)."""
+    alpha, log_sigma = _vp_coefficients(h, delta)
+    return alpha * x, jnp.broadcast_to(log_sigma, x.shape)
+
+
+def _vp_reference_path(h: Array, delta: float) -> tuple[Array, Array]:
+    alpha, log_sigma = _vp_coefficients(h, delta)
+    return alpha, jnp.exp(log_sigma)
 
 
 class VariancePreserving(AbstractGaussianForwardProcess):
@@ -186,6 +204,9 @@ class VariancePreserving(AbstractGaussianForwardProcess):
 
     def mean_and_log_scale(self, x: Data, t: Time) -> tuple[Data, Data]:
         return _vp_moments(jnp.asarray(t, x.dtype), x, self.delta)
+
+    def reference_path(self, t: Time) -> tuple[Scalar, Scalar]:
+        return _vp_reference_path(jnp.asarray(t), self.delta)
 
 
 class LearnedSchedule(AbstractGaussianForwardProcess):
@@ -207,6 +228,10 @@ class LearnedSchedule(AbstractGaussianForwardProcess):
     def mean_and_log_scale(self, x: Data, t: Time) -> tuple[Data, Data]:
         h = self.clock(jnp.asarray(t, x.dtype))
         return _vp_moments(h.astype(x.dtype), x, self.delta)
+
+    def reference_path(self, t: Time) -> tuple[Scalar, Scalar]:
+        t = jnp.asarray(t)
+        return _vp_reference_path(self.clock(t).astype(t.dtype), self.delta)
 
 
 class NeuralGaussian(AbstractGaussianForwardProcess):
@@ -272,6 +297,13 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
         gate = t * (1 - t)
         base_mu, base_log_sigma = _anchor_moments(self.anchor, self.vp_weight, t, x, self.delta)
         return base_mu + gate * mean_correction, base_log_sigma + gate * log_scale_correction
+
+    def reference_path(self, t: Time) -> tuple[Scalar, Scalar]:
+        """The anchor path's coefficients (the network's correction left out)."""
+        t = jnp.asarray(t)
+        one = jnp.ones((), t.dtype)
+        a, log_sigma = _anchor_moments(self.anchor, self.vp_weight, t, one, self.delta)
+        return a, jnp.exp(log_sigma)
 
 
 ANCHORS = ("linear", "vp", "mixed")

@@ -69,7 +69,7 @@ def example_loss(
     """
     t = jnp.asarray(t, x.dtype)
     z, velocity_x, score_x = model.forward.transform_and_fields(eps, t, x)
-    x_hat = model.predictor(z, t)
+    x_hat = model.predict(z, t)
     velocity_hat, score_hat = model.forward.velocity_and_score(z, t, x_hat)
     if model.is_deterministic:
         diffusion = jnp.sum((velocity_x - velocity_hat) ** 2)

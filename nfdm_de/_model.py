@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from ._custom_types import Data, Scalar, Time
 from ._forward import AbstractForwardProcess
+from ._nn import Predictor
 from ._volatility import AbstractVolatility
 
 
@@ -30,7 +31,9 @@ class NFDM(eqx.Module):
     **Arguments:**
 
     - `forward`: any `AbstractForwardProcess`.
-    - `predictor`: any module `(z, t) -> x_hat` on one example.
+    - `predictor`: any module `(z, t) -> x_hat` on one example. A library `Predictor` is
+      called with the forward process's `reference_path(t)` as well, which its skip
+      connection is built on (`predict`).
     - `volatility`: any `AbstractVolatility`.
     - `data_shape`: the shape of one example. Inferred from an MLP predictor when omitted.
     """
@@ -93,13 +96,20 @@ class NFDM(eqx.Module):
     def is_deterministic(self) -> bool:
         return self.volatility.is_zero
 
+    def predict(self, z: Data, t: Time) -> Data:
+        """x_hat(z, t). A library `Predictor` is preconditioned on the forward process's
+        reference path; any other module is called as `predictor(z, t)`."""
+        if isinstance(self.predictor, Predictor):
+            return self.predictor(z, t, self.forward.reference_path(t))
+        return self.predictor(z, t)
+
     def velocity(self, z: Data, t: Time) -> Data:
         """v(z, t) = f(z, t, x_hat(z, t)): the generative (probability-flow) ODE."""
-        return self.forward.velocity(z, t, self.predictor(z, t))
+        return self.forward.velocity(z, t, self.predict(z, t))
 
     def drift(self, z: Data, t: Time) -> Data:
         """f_hat(z, t) = f^B(z, t, x_hat(z, t)): the generative SDE's drift in forward time t."""
-        return self.forward.backward_drift(z, t, self.predictor(z, t), self.volatility(t))
+        return self.forward.backward_drift(z, t, self.predict(z, t), self.volatility(t))
 
     def diffusion(self, t: Time) -> Scalar:
         """g(t), the additive noise scale of the generative SDE."""

@@ -132,29 +132,60 @@ class TimeConditionedMLP(eqx.Module):
         return self.output(h)
 
 
-class Predictor(eqx.Module):
-    """The data predictor x_hat(z, t) = (1 - t) z + (t + delta) NN(z, t).
+PREDICTOR_SKIPS = ("gaussian", "linear")
 
-    The skip connection makes the prediction exact up to O(delta) at t = 0, where z_0 = x +
-    delta * eps: the network then only has to supply a delta-sized correction (its optimum is
-    -eps), while near t = 1 it carries the whole prediction.
+
+def linear_reference_path(t: Time, delta: float) -> tuple[Scalar, Scalar]:
+    """(a, sigma) = (1 - t, t + (1 - t) delta): the linear interpolant z = a x + sigma eps."""
+    t = jnp.asarray(t)
+    return 1 - t, t + (1 - t) * delta
+
+
+class Predictor(eqx.Module):
+    """The data predictor x_hat(z, t) = c_skip(t) z + c_out(t) NN(z, t).
+
+    `skip` = "gaussian" (the default): with (a, sigma) the coefficients of a Gaussian path
+    z = a x + sigma eps (the forward process's `reference_path`, which `NFDM` passes in; the
+    linear path when called without one),
+
+        c_skip = a / (a^2 + sigma^2),   c_out = sigma / sqrt(a^2 + sigma^2),
+
+    so the skip term alone is the posterior mean E[x | z] for standardised Gaussian data on that
+    path, and the network's target, the remaining error, has about unit scale at every t. At
+    t = 0 the prediction is exact up to O(delta); at t = 1 the network carries all of it.
+    Matching the skip to each process's own path let every path's predictor learn faster at
+    the default budget (docs/peers.md, session 10).
+
+    `skip` = "linear" is the earlier parameterisation, (1 - t) z + (t + delta) NN(z, t), kept
+    for checkpoints trained with it.
     """
 
     network: eqx.Module
     delta: float = 0.01
+    skip: str = eqx.field(default="gaussian", static=True)
 
     def __check_init__(self):
         if not (isinstance(self.delta, int | float) and 0.0 < self.delta < 1.0):
             raise ValueError(f"`delta` must be a float in (0, 1); got {self.delta!r}.")
+        if self.skip not in PREDICTOR_SKIPS:
+            raise ValueError(f"`skip` must be one of {PREDICTOR_SKIPS}; got {self.skip!r}.")
 
-    def __call__(self, z: Data, t: Time) -> Data:
+    def __call__(
+        self, z: Data, t: Time, reference_path: tuple[Scalar, Scalar] | None = None
+    ) -> Data:
         t = jnp.asarray(t, z.dtype)
         out = self.network(z, t)
         if out.shape != z.shape:
             raise ValueError(
                 f"Predictor network must return the data's shape {z.shape}; got {out.shape}."
             )
-        return (1 - t) * z + (t + self.delta) * out
+        if self.skip == "linear":
+            return (1 - t) * z + (t + self.delta) * out
+        if reference_path is None:
+            reference_path = linear_reference_path(t, self.delta)
+        a, sigma = (jnp.asarray(c, z.dtype) for c in reference_path)
+        norm = a**2 + sigma**2
+        return (a / norm) * z + (sigma / jnp.sqrt(norm)) * out
 
 
 def mlp_predictor(
@@ -164,13 +195,14 @@ def mlp_predictor(
     depth: int = 3,
     delta: float = 0.01,
     input_octaves: int = 0,
+    skip: str = "gaussian",
     key: Key,
 ) -> Predictor:
     """The reference predictor for vectors: `Predictor` around a `TimeConditionedMLP`."""
     network = TimeConditionedMLP(
         data_size, data_size, width=width, depth=depth, input_octaves=input_octaves, key=key
     )
-    return Predictor(network=network, delta=delta)
+    return Predictor(network=network, delta=delta, skip=skip)
 
 
 class MonotoneUnitInterval(eqx.Module):

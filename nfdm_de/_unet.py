@@ -253,6 +253,7 @@ def unet_predictor(
     channel_mults: Sequence[int] = (1, 2),
     num_frequencies: int = 8,
     delta: float = 0.01,
+    skip: str = "gaussian",
     key: Key,
 ) -> Predictor:
     """The reference predictor for images: `Predictor` around a `UNet` with C -> C channels."""
@@ -265,7 +266,7 @@ def unet_predictor(
         num_frequencies=num_frequencies,
         key=key,
     )
-    return Predictor(network=network, delta=delta)
+    return Predictor(network=network, delta=delta, skip=skip)
 
 
 def unet_neural_gaussian(

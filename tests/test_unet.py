@@ -68,10 +68,13 @@ def test_zero_initialised_forward_network_is_the_linear_interpolant(getkey):
     assert float(jnp.max(jnp.abs(score - score_lin))) < IDENTITY_TOL
 
 
-def test_predictor_builder_has_the_skip_form(getkey):
-    # x_hat(z, t) = (1 - t) z + (t + delta) UNet(z, t), for the U-Net inside it.
+@pytest.mark.parametrize("skip", ["gaussian", "linear"])
+def test_predictor_builder_has_the_skip_form(skip, getkey):
+    # gaussian: x_hat = a / (a^2 + s^2) z + s / sqrt(a^2 + s^2) UNet(z, t) on the linear path
+    # a = 1 - t, s = t + (1 - t) delta (when called without a reference path);
+    # linear: x_hat = (1 - t) z + (t + delta) UNet(z, t).
     shape = (8, 8, 1)
-    predictor = nd.unet_predictor(shape, key=getkey(), **TINY)
+    predictor = nd.unet_predictor(shape, skip=skip, key=getkey(), **TINY)
     z = jr.normal(getkey(), shape)
     t = 0.35
 
@@ -80,7 +83,11 @@ def test_predictor_builder_has_the_skip_form(getkey):
         return predictor(z, t), predictor.network(z, t)
 
     x_hat, out = both(predictor)
-    expected = (1 - t) * z + (t + predictor.delta) * out
+    if skip == "linear":
+        expected = (1 - t) * z + (t + predictor.delta) * out
+    else:
+        a, s = 1 - t, t + (1 - t) * predictor.delta
+        expected = a / (a**2 + s**2) * z + s / (a**2 + s**2) ** 0.5 * out
     assert float(jnp.max(jnp.abs(x_hat - expected))) < IDENTITY_TOL
 
 
@@ -174,11 +181,14 @@ def test_nfdm_with_unets_trains_on_digits(getkey):
 
     before = evaluate(model)
     assert np.isfinite(before)
-    for key in jr.split(getkey(), 15):
+    # 30 steps: the Gaussian skip starts the predictor at the linear path's posterior mean, so
+    # the loss starts lower (measured 1156 against 1897 with the earlier skip) and falls by a
+    # smaller fraction in the first steps (to 0.89x after 15, 0.875x after 30).
+    for key in jr.split(getkey(), 30):
         _, grads = _loss_and_grad(model, key, x)
         model, state = update(model, state, grads)
     after = evaluate(model)
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.92 * before, (before, after)
 
 
 def test_bad_inputs_raise():

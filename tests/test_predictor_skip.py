@@ -1,0 +1,126 @@
+"""The predictor's skip connection: with the default `gaussian` skip and a network that outputs
+zero, `NFDM.predict` is the exact posterior mean E[x | z] for standard Gaussian data on the
+forward process's own path (the oracle reads the path from `mean_and_log_scale`, not from
+`reference_path`); the legacy `linear` skip and old checkpoints' configs keep the earlier form."""
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+from gaussian_oracle import PosteriorMean
+from helpers import DATA_SIZE, IDENTITY_TOL, as_f64, perturb
+
+import nfdm_de as nd
+
+TIMES = (0.0, 0.03, 0.3, 0.7, 0.97)
+
+
+class ZeroNetwork(eqx.Module):
+    def __call__(self, z, t):
+        return jnp.zeros_like(z)
+
+
+def _without_correction(forward):
+    """The NeuralGaussian with its network's output layer zeroed: exactly its anchor path."""
+    return eqx.tree_at(
+        lambda f: (f.network.output.weight, f.network.output.bias),
+        forward,
+        replace_fn=jnp.zeros_like,
+    )
+
+
+def _gaussian_paths(key):
+    k1, k2, k3, k4, k5, k6 = jr.split(key, 6)
+    mixed = perturb(
+        nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor="mixed", key=k1), k2, scale=1.0
+    )
+    vp_anchor = perturb(nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor="vp", key=k3), k4)
+    schedule = perturb(nd.LearnedSchedule(hidden=8, key=k5), k6, scale=1.0)
+    # (process whose predictor is tested, the Gaussian path its reference path should be)
+    return {
+        "linear": (nd.LinearInterpolant(), nd.LinearInterpolant()),
+        "vp": (nd.VariancePreserving(delta=0.05), nd.VariancePreserving(delta=0.05)),
+        "learned-schedule": (schedule, schedule),
+        "neural-gaussian(mixed anchor)": (mixed, _without_correction(mixed)),
+        "neural-gaussian(vp anchor)": (vp_anchor, _without_correction(vp_anchor)),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "linear",
+        "vp",
+        "learned-schedule",
+        "neural-gaussian(mixed anchor)",
+        "neural-gaussian(vp anchor)",
+    ],
+)
+def test_gaussian_skip_is_the_posterior_mean_on_the_reference_path(name, getkey):
+    forward, path = (as_f64(p) for p in _gaussian_paths(getkey())[name])
+    if name == "neural-gaussian(mixed anchor)":
+        # The learned anchor weight moved away from 0.5, so the mixture is really tested.
+        assert abs(float(forward.vp_weight) - 0.5) > 0.05
+    predictor = nd.Predictor(ZeroNetwork(), delta=forward.delta)
+    model = nd.NFDM(forward, predictor, nd.ConstantVolatility(1.0), data_shape=(DATA_SIZE,))
+    oracle = PosteriorMean(path, jnp.zeros(DATA_SIZE), jnp.eye(DATA_SIZE))
+    z = jr.normal(getkey(), (DATA_SIZE,), jnp.float64)
+    for t in TIMES:
+        t = jnp.asarray(t, jnp.float64)
+        got, expected = model.predict(z, t), oracle(z, t)
+        assert float(jnp.max(jnp.abs(got - expected))) < IDENTITY_TOL, (name, float(t))
+
+
+def test_network_scale_and_the_end_points(getkey):
+    # x_hat = c_skip z + c_out NN: at t = 0, c_skip = 1 / (1 + delta^2) and c_out = delta /
+    # sqrt(1 + delta^2) (the prediction is z up to O(delta)); at t = 1, x_hat = NN exactly.
+    delta = 0.02
+    network = nd.TimeConditionedMLP(DATA_SIZE, DATA_SIZE, width=8, depth=1, key=getkey())
+    predictor = as_f64(nd.Predictor(network, delta=delta))
+    z = jr.normal(getkey(), (DATA_SIZE,), jnp.float64)
+    for t, c_skip, c_out in (
+        (0.0, 1 / (1 + delta**2), delta / (1 + delta**2) ** 0.5),
+        (1.0, 0.0, 1.0),
+    ):
+        t = jnp.asarray(t, jnp.float64)
+        expected = c_skip * z + c_out * network(z, t)
+        assert float(jnp.max(jnp.abs(predictor(z, t) - expected))) < IDENTITY_TOL
+
+
+def test_linear_skip_keeps_the_earlier_form(getkey):
+    network = nd.TimeConditionedMLP(DATA_SIZE, DATA_SIZE, width=8, depth=1, key=getkey())
+    predictor = as_f64(nd.Predictor(network, delta=0.01, skip="linear"))
+    z = jr.normal(getkey(), (DATA_SIZE,), jnp.float64)
+    t = jnp.asarray(0.35, jnp.float64)
+    expected = (1 - t) * z + (t + 0.01) * network(z, t)
+    # The reference path a caller passes is ignored by the earlier form.
+    got = predictor(z, t, (jnp.asarray(0.2), jnp.asarray(0.9)))
+    assert float(jnp.max(jnp.abs(got - expected))) < IDENTITY_TOL
+
+
+def test_a_config_stored_before_the_gaussian_skip_loads_with_the_linear_one():
+    stored = nd.TrainConfig().to_dict()
+    del stored["model"]["predictor_skip"]
+    config = nd.TrainConfig.from_dict(stored)
+    assert config.model.predictor_skip is nd.PredictorSkipChoice.LINEAR
+    model = nd.build_model(config.model, (2,), key=jr.key(0))
+    assert model.predictor.skip == "linear"
+    assert nd.build_model(nd.ModelConfig(), (2,), key=jr.key(0)).predictor.skip == "gaussian"
+
+
+def test_bad_skip_names_the_problem():
+    with pytest.raises(ValueError, match="`skip` must be one of"):
+        nd.Predictor(ZeroNetwork(), skip="cosine")
+    with pytest.raises(ValueError, match="predictor_skip"):
+        nd.update_config(nd.TrainConfig(), {"predictor_skip": "cosine"})
+
+
+def test_reference_path_gradient_reaches_the_anchor_weight(getkey):
+    # The skip is built on the learnable mixed anchor, so the objective's gradient reaches w
+    # through the predictor as well as through the path.
+    forward = nd.neural_gaussian(DATA_SIZE, width=8, depth=1, anchor="mixed", key=getkey())
+    predictor = nd.Predictor(ZeroNetwork(), delta=forward.delta)
+    model = nd.NFDM(forward, predictor, nd.ConstantVolatility(1.0), data_shape=(DATA_SIZE,))
+    z = jr.normal(getkey(), (DATA_SIZE,))
+    grad = eqx.filter_grad(lambda m: jnp.sum(m.predict(z, 0.4)))(model)
+    assert float(jnp.abs(grad.forward.anchor_logit)) > 0
