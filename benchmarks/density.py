@@ -213,25 +213,28 @@ def print_paired(seeds, sets, mine, baselines, per_point):
         for q in ("bound", "ode"):
             if (seeds[0], name, mine, q) not in per_point:
                 continue
-            cells, below_all, below_all_2se = [], True, True
+            cells, below_all, below_all_2se, complete = [], True, True, True
             for b in baselines:
                 result = paired_over_seeds(seeds, name, mine, b, q, per_point)
                 if result is None:
+                    # A missing baseline cannot be beaten: the set is left out of the count.
                     cells.append("—")
+                    complete = False
                     continue
                 mean, se = result
                 verdict = "lower" if mean + 2 * se < 0 else "higher" if mean - 2 * se > 0 else "tie"
                 below_all &= mean < 0
                 below_all_2se &= verdict == "lower"
                 cells.append(f"{mean:+.3f} ± {se:.3f} ({verdict})")
-            lowest.setdefault(q, []).append(below_all)
-            significant.setdefault(q, []).append(below_all_2se)
+            if complete:
+                lowest.setdefault(q, []).append(below_all)
+                significant.setdefault(q, []).append(below_all_2se)
             print(f"| {name} | {q} | " + " | ".join(cells) + " |")
     for q, flags in lowest.items():
         print(
             f"\n{mine}'s {q} is the lowest of all methods on {sum(flags)} of {len(flags)} sets "
-            f"(by point estimate); below every baseline beyond 2 s.e. on "
-            f"{sum(significant[q])} of {len(flags)}."
+            f"(by point estimate; sets with every baseline measured); below every baseline "
+            f"beyond 2 s.e. on {sum(significant[q])} of {len(flags)}."
         )
 
 

@@ -10,7 +10,7 @@ from helpers import ROOT, run_benchmark
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from density import _points_file, load_points, paired_over_seeds  # noqa: E402
+from density import _points_file, load_points, paired_over_seeds, print_paired  # noqa: E402
 
 
 def _synthetic_scores(rng, num_seeds, num_points, point_sd, seed_sd, noise_sd, true_shift):
@@ -67,6 +67,22 @@ def test_paired_standard_error_matches_the_estimators_spread(point_sd, seed_sd):
     typical = math.sqrt(np.mean(np.square(stated)))
     # Errs on the wide side only by the Monte Carlo term counted twice (at most ~sqrt(2)).
     assert 0.85 * actual < typical < 1.5 * actual
+
+
+def test_sets_missing_a_baseline_are_not_counted_as_won(capsys):
+    # rings: nfdm below both baselines; spirals: the vp run is missing, so it cannot count.
+    ones = np.ones(50)
+    per_point = {
+        (0, "rings", "nfdm", "bound"): 0.1 * ones,
+        (0, "rings", "vp", "bound"): 0.2 * ones + 0.01 * np.sin(np.arange(50)),
+        (0, "rings", "linear", "bound"): 0.3 * ones + 0.01 * np.cos(np.arange(50)),
+        (0, "spirals", "nfdm", "bound"): 0.1 * ones,
+        (0, "spirals", "linear", "bound"): 0.3 * ones + 0.01 * np.cos(np.arange(50)),
+    }
+    print_paired([0], ["rings", "spirals"], "nfdm", ["vp", "linear"], per_point)
+    out = capsys.readouterr().out
+    assert "lowest of all methods on 1 of 1 sets" in out
+    assert "beyond 2 s.e. on 1 of 1" in out
 
 
 def test_saved_points_load_back_under_their_keys(tmp_path):
