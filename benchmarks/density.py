@@ -156,6 +156,7 @@ def main(argv=None):
         if "nfdm" + suffix in labels:
             baselines = [m + suffix for m in methods if m != "nfdm" and m + suffix in labels]
             print_paired(seeds, sets, "nfdm" + suffix, baselines, per_point)
+    print_never_beaten(seeds, sets, labels, per_point)
 
 
 def _points_file(directory: str, seed: int, name: str, label: str, q: str) -> str:
@@ -200,6 +201,36 @@ def paired_over_seeds(seeds, name, mine, theirs, q, per_point) -> tuple[float, f
     if len(rows) > 1:
         variance += difference.mean(axis=1).var(ddof=1) / len(rows)
     return float(seed_averaged.mean()), math.sqrt(variance)
+
+
+def never_beaten(seeds, sets, methods, q, per_point) -> dict[str, list[str]]:
+    """For each method, the sets on which no other method is lower beyond two standard errors
+    (paired over the points, averaged over the seeds): the sets it is lowest on or tied for
+    lowest. A set missing any method's run is left out."""
+    out = {m: [] for m in methods}
+    for name in sets:
+        for m in methods:
+            results = [
+                paired_over_seeds(seeds, name, m, o, q, per_point) for o in methods if o != m
+            ]
+            if any(r is None for r in results):
+                continue
+            if all(mean - 2 * se <= 0 for mean, se in results):
+                out[m].append(name)
+    return out
+
+
+def print_never_beaten(seeds, sets, methods, per_point):
+    """Per quantity, how many sets each method is lowest on or statistically tied for lowest
+    on (no method below it beyond two standard errors): the per-set count without the coin
+    flips that ranking tied point estimates makes."""
+    for q in ("bound", "ode"):
+        measured = [m for m in methods if (seeds[0], sets[0], m, q) in per_point]
+        if len(measured) < 2:
+            continue
+        counts = never_beaten(seeds, sets, measured, q, per_point)
+        cells = ", ".join(f"{m} {len(counts[m])}" for m in measured)
+        print(f"\n{q}: sets where no other method is lower beyond 2 s.e., of {len(sets)}: {cells}")
 
 
 def print_paired(seeds, sets, mine, baselines, per_point):

@@ -10,7 +10,13 @@ from helpers import ROOT, run_benchmark
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from density import _points_file, load_points, paired_over_seeds, print_paired  # noqa: E402
+from density import (  # noqa: E402
+    _points_file,
+    load_points,
+    never_beaten,
+    paired_over_seeds,
+    print_paired,
+)
 
 
 def _synthetic_scores(rng, num_seeds, num_points, point_sd, seed_sd, noise_sd, true_shift):
@@ -83,6 +89,27 @@ def test_sets_missing_a_baseline_are_not_counted_as_won(capsys):
     out = capsys.readouterr().out
     assert "lowest of all methods on 1 of 1 sets" in out
     assert "beyond 2 s.e. on 1 of 1" in out
+
+
+def test_never_beaten_counts_ties_for_lowest():
+    # rings: a and b tie (differences with mean 0) and both are clearly below c;
+    # spirals: c is clearly lowest; two-moons: c's run is missing, so the set is left out.
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=200)
+    per_point = {}
+    for seed in (0, 1):
+        noise = lambda: 0.01 * rng.normal(size=200)  # noqa: E731
+        per_point[(seed, "rings", "a", "bound")] = base + noise()
+        per_point[(seed, "rings", "b", "bound")] = base + noise()
+        per_point[(seed, "rings", "c", "bound")] = base + 0.1 + noise()
+        per_point[(seed, "spirals", "a", "bound")] = base + 0.1 + noise()
+        per_point[(seed, "spirals", "b", "bound")] = base + 0.1 + noise()
+        per_point[(seed, "spirals", "c", "bound")] = base + noise()
+        per_point[(seed, "two-moons", "a", "bound")] = base + noise()
+        per_point[(seed, "two-moons", "b", "bound")] = base + noise()
+    sets = ["rings", "spirals", "two-moons"]
+    counts = never_beaten([0, 1], sets, ["a", "b", "c"], "bound", per_point)
+    assert counts == {"a": ["rings"], "b": ["rings"], "c": ["spirals"]}
 
 
 def test_saved_points_load_back_under_their_keys(tmp_path):
