@@ -166,7 +166,9 @@ def _points_file(directory: str, seed: int, name: str, label: str, q: str) -> st
 def load_points(directory: str) -> dict:
     """The per-point gap arrays `--save-points` wrote, keyed like `paired_over_seeds` expects:
     (seed, set, method, quantity) -> array."""
-    pattern = re.compile(r"^(?P<name>.+)_(?P<label>[^_]+)_s(?P<seed>-?\d+)_(?P<q>bound|ode)\.npy$")
+    pattern = re.compile(
+        r"^(?P<name>.+)_(?P<label>[^_]+)_s(?P<seed>-?\d+)_(?P<q>bound|ode|exact)\.npy$"
+    )
     out = {}
     for entry in sorted(os.listdir(directory)):
         match = pattern.match(entry)

@@ -26,6 +26,7 @@ points) with training and evaluation seconds, then mean gaps per method over the
 
 import json
 import math
+import os
 import sys
 import time
 
@@ -172,7 +173,16 @@ def main(argv=None):
         default=None,
         help="equal wall-clock variant: train each iterative method for about this many seconds",
     )
+    parser.add_argument(
+        "--save-points",
+        default=None,
+        metavar="DIR",
+        help="also save every per-point gap array here, as <set>_<method>_s<seed>_<nll>.npy "
+        "(density.load_points reads them back for paired comparisons)",
+    )
     args = parser.parse_args(argv)
+    if args.save_points is not None:
+        os.makedirs(args.save_points, exist_ok=True)
     budget = Budget(args.steps, args.batch, args.width, args.depth, args.lr, args.seed)
     sets = [s for s in args.sets.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
@@ -187,7 +197,11 @@ def main(argv=None):
 
     rows, means = [], {}
 
-    def record(name, method, quantity, cell, train_s, eval_s, steps_text):
+    def record(name, method, quantity, nll, truth, train_s, eval_s, steps_text):
+        cell = gap(nll, truth)
+        if args.save_points is not None:
+            file = f"{name}_{method}_s{args.seed}_{quantity}.npy"
+            np.save(os.path.join(args.save_points, file), np.asarray(nll) - np.asarray(truth))
         if args.jsonl:
             with open(args.jsonl, "a") as f:
                 result = dict(set=name, method=method, nll=quantity, gap=cell[0], stderr=cell[1])
@@ -212,7 +226,8 @@ def main(argv=None):
                     name,
                     method,
                     "exact",
-                    gap(nll, truth),
+                    nll,
+                    truth,
                     train_s,
                     time.perf_counter() - start,
                     f"EM, K={k}",
@@ -230,7 +245,8 @@ def main(argv=None):
                     name,
                     method,
                     "exact",
-                    gap(nll, truth),
+                    nll,
+                    truth,
                     train_s,
                     time.perf_counter() - start,
                     str(steps),
@@ -256,7 +272,8 @@ def main(argv=None):
                             name,
                             method + label,
                             q,
-                            gap(nll[q], truth),
+                            nll[q],
+                            truth,
                             train_s,
                             nll[f"{q}_seconds"],
                             f"{steps} + {extra_steps}" if label else str(steps),
