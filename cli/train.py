@@ -196,6 +196,13 @@ def train(
         str | None, typer.Option(help="After warm-up: cosine (default) or constant.")
     ] = None,
     ema_decay: Annotated[float | None, typer.Option(help="Decay of the EMA weights.")] = None,
+    forward_network_lr_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="Scale of the learnable Gaussian forward process's network updates (default 1; "
+            "0 freezes it, leaving the learned anchor weight)."
+        ),
+    ] = None,
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
     keep: Annotated[int | None, typer.Option(help="Keep the last K checkpoints.")] = None,
     log_every: Annotated[int | None, typer.Option(help="Metrics line every N steps.")] = None,
@@ -246,6 +253,7 @@ def train(
         "warmup": warmup,
         "schedule": schedule,
         "ema_decay": ema_decay,
+        "forward_network_lr_scale": forward_network_lr_scale,
         "save_every": save_every,
         "keep": keep,
         "log_every": log_every,

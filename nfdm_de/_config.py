@@ -191,6 +191,10 @@ class OptimConfig:
     clip: float = 1.0
     weight_decay: float = 0.0
     ema_decay: float = 0.999
+    # Multiplies the updates of the learnable Gaussian forward process's network (not its anchor
+    # weight): 0 freezes the network at its zero-initialised output, leaving the learned mixture
+    # of the linear and VP paths; values below 1 make it a slower time scale than the rest.
+    forward_network_lr_scale: float = 1.0
 
     def __post_init__(self):
         _check_enum("schedule", self.schedule, ScheduleChoice)
@@ -204,6 +208,11 @@ class OptimConfig:
             raise ValueError(f"`weight_decay` must be >= 0; got {self.weight_decay!r}.")
         if not (_is_real(self.ema_decay) and 0 <= self.ema_decay < 1):
             raise ValueError(f"`ema_decay` must be in [0, 1); got {self.ema_decay!r}.")
+        scale = self.forward_network_lr_scale
+        if not (_is_real(scale) and math.isfinite(scale) and scale >= 0):
+            raise ValueError(
+                f"`forward_network_lr_scale` must be a finite number >= 0; got {scale!r}."
+            )
         if not (_is_real(self.final_lr_fraction) and 0 <= self.final_lr_fraction <= 1):
             raise ValueError(
                 f"`final_lr_fraction` must be in [0, 1]; got {self.final_lr_fraction!r}."
@@ -303,6 +312,16 @@ class TrainConfig:
         if not (_is_real(self.likelihood_tol) and 0 < self.likelihood_tol < 1):
             raise ValueError(
                 f"`likelihood_tol` must be a number in (0, 1); got {self.likelihood_tol!r}."
+            )
+        if self.optim.forward_network_lr_scale != 1 and (
+            self.model.forward is not ForwardChoice.NEURAL_GAUSSIAN or self.source is not None
+        ):
+            raise ValueError(
+                "`forward_network_lr_scale` applies to the network of the learnable Gaussian "
+                f"forward process (forward 'neural-gaussian', no source); got forward "
+                f"{self.model.forward.value!r}"
+                + (f" with source {self.source!r}" if self.source is not None else "")
+                + "."
             )
 
     # Fields that may differ between a checkpoint and the run resuming it.

@@ -132,16 +132,41 @@ def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
 
     Cached: the same settings give the same object, so the jitted step (which takes the optimiser
     as a static argument) is not recompiled when a run is resumed in the same process."""
-    return _optimizer(float(config.clip), float(config.weight_decay))
+    return _optimizer(
+        float(config.clip), float(config.weight_decay), float(config.forward_network_lr_scale)
+    )
 
 
 @functools.lru_cache(maxsize=32)
-def _optimizer(clip: float, weight_decay: float) -> optax.GradientTransformation:
-    return optax.chain(
+def _optimizer(
+    clip: float, weight_decay: float, forward_network_lr_scale: float = 1.0
+) -> optax.GradientTransformation:
+    parts = [
         optax.clip_by_global_norm(clip),
         optax.scale_by_adam(),
         optax.add_decayed_weights(weight_decay),
-    )
+    ]
+    # Only when asked: an extra link would change the optimiser state's structure, and with it
+    # every checkpoint saved before the option existed.
+    if forward_network_lr_scale != 1.0:
+        parts.append(_scale_forward_network(forward_network_lr_scale))
+    return optax.chain(*parts)
+
+
+def _scale_forward_network(scale: float) -> optax.GradientTransformation:
+    """Multiplies the updates of `model.forward.network` by `scale` (after AdamW's weight decay,
+    so 0 freezes the network exactly). The config allows it for a `NeuralGaussian` only."""
+
+    def update(updates, state, params=None):
+        del params
+        updates = eqx.tree_at(
+            lambda model: model.forward.network,
+            updates,
+            replace_fn=lambda network: jax.tree.map(lambda u: scale * u, network),
+        )
+        return updates, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 class TrainState(eqx.Module):

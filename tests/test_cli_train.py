@@ -174,6 +174,11 @@ def bad_files(tmp_path):
         (["--input-octaves", "-1"], "`input_octaves` must be an integer in [0, 16]"),
         (["--data", "digits-images", "--likelihood-steps", "5"], "needs an NFDM on vector data"),
         (["--config", "{d}/none.toml"], "does not exist"),
+        (["--forward-network-lr-scale", "-1"], "`forward_network_lr_scale` must be a finite"),
+        (
+            ["--forward", "linear", "--forward-network-lr-scale", "0"],
+            "applies to the network of the learnable Gaussian forward process",
+        ),
     ],
 )
 def test_bad_input(args, match, bad_files):

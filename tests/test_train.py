@@ -131,6 +131,59 @@ def test_step_ema(getkey):
         np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p1, rtol=1e-12, atol=1e-14)
 
 
+def test_forward_network_lr_scale_scales_only_the_forward_network(getkey):
+    """One AdamW update with `forward_network_lr_scale` 0.5 is the default update halved on the
+    forward process's network and identical everywhere else (its anchor weight included)."""
+    model = nd.build_model(TINY.model, (2,), getkey())
+    params = eqx.filter(model, eqx.is_inexact_array)
+    grads = jax.tree.map(lambda a: jax.random.normal(getkey(), a.shape, a.dtype), params)
+    full = nd.make_optimizer(TINY.optim)
+    half = nd.make_optimizer(dataclasses.replace(TINY.optim, forward_network_lr_scale=0.5))
+    u_full, _ = full.update(grads, full.init(params), params)
+    u_half, _ = half.update(grads, half.init(params), params)
+    network_full, network_half = _leaves(u_full.forward.network), _leaves(u_half.forward.network)
+    assert network_full and all(float(jnp.max(jnp.abs(a))) > 0 for a in network_full)
+    for a, b in zip(network_full, network_half, strict=True):
+        np.testing.assert_allclose(b, 0.5 * a, rtol=1e-12, atol=0)
+    assert u_full.forward.anchor_logit is not None
+    np.testing.assert_array_equal(u_half.forward.anchor_logit, u_full.forward.anchor_logit)
+    assert _bit_identical(u_half.predictor, u_full.predictor)
+    assert _bit_identical(u_half.volatility, u_full.volatility)
+
+
+def test_forward_network_lr_scale_zero_freezes_the_network(tmp_path):
+    """Trained with scale 0, the forward network ends bit-identical to its initialisation (its
+    output stays zero: the path is the anchor mixture) while w and the predictor move."""
+    config = dataclasses.replace(
+        TINY,
+        optim=dataclasses.replace(TINY.optim, forward_network_lr_scale=0.0),
+        steps=10,
+        save_every=10,
+    )
+    nd.train(config, str(tmp_path))
+    initial = nd.init_train_state(config, (2,)).model
+    trained = nd.load_run(str(tmp_path)).raw_model
+    assert _bit_identical(trained.forward.network, initial.forward.network)
+    assert float(trained.forward.anchor_logit) != float(initial.forward.anchor_logit)
+    assert not _bit_identical(trained.predictor, initial.predictor)
+
+
+def test_forward_network_lr_scale_validation():
+    with pytest.raises(ValueError, match="`forward_network_lr_scale` must be a finite"):
+        nd.OptimConfig(forward_network_lr_scale=float("nan"))
+    with pytest.raises(ValueError, match="`forward_network_lr_scale` must be a finite"):
+        nd.OptimConfig(forward_network_lr_scale=-0.5)
+    for forward in ("linear", "vp", "learned-schedule", "neural-flow"):
+        with pytest.raises(ValueError, match="applies to the network of the learnable Gaussian"):
+            nd.update_config(TINY, {"forward": forward, "forward_network_lr_scale": 0.0})
+    with pytest.raises(ValueError, match="with source 'two-moons'"):
+        nd.update_config(TINY, {"source": "two-moons", "forward_network_lr_scale": 0.0})
+    # Stored before the option existed: the default scale, 1.
+    stored = TINY.to_dict()
+    del stored["optim"]["forward_network_lr_scale"]
+    assert nd.TrainConfig.from_dict(stored).optim.forward_network_lr_scale == 1.0
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight")
