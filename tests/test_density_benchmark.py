@@ -10,6 +10,7 @@ from helpers import ROOT, run_benchmark
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from _density_common import NFDM_METHODS, Budget, _config  # noqa: E402
 from density import (  # noqa: E402
     _points_file,
     load_points,
@@ -144,3 +145,15 @@ def test_bad_options_fail_before_training(args, message):
     result = run_benchmark("density.py", args)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_learned_anchor_is_nfdm_with_its_network_frozen():
+    import nfdm_de as nd
+
+    settings, which = NFDM_METHODS["learned-anchor"]
+    config = _config("two-moons", settings, Budget(10, 8, 8, 1), None)
+    reference = _config("two-moons", NFDM_METHODS["nfdm"][0], Budget(10, 8, 8, 1), None)
+    assert config.optim.forward_network_lr_scale == 0.0 and which == ("bound", "ode")
+    # Everything else is NFDM's configuration: the same mixed-anchor neural-gaussian model.
+    assert config.model == reference.model and config.model.forward_anchor is nd.AnchorChoice.MIXED
+    assert config.model.forward is nd.ForwardChoice.NEURAL_GAUSSIAN
