@@ -194,6 +194,7 @@ class OptimConfig:
     # Multiplies the updates of the learnable Gaussian forward process's network (not its anchor
     # weight): 0 freezes the network at its zero-initialised output, leaving the learned mixture
     # of the linear and VP paths; values below 1 make it a slower time scale than the rest.
+    # (Its gradient still counts in the global-norm clipping, which comes first.)
     forward_network_lr_scale: float = 1.0
 
     def __post_init__(self):
