@@ -7,7 +7,9 @@ Every model is built by `nfdm_de.build_model` from a `ModelConfig` and stepped b
 own jitted `nfdm_de.train_step` (AdamW, clipping, EMA), with the default `TrainConfig` batch. Rows:
 
 - the linear baseline (default predictor, `forward=linear`);
-- NFDM with the default configuration (`ModelConfig()`: forward network 2x64);
+- NFDM with the default configuration (`ModelConfig()`: forward network 2x48);
+- the same with the predictor's skip on the anchor path (`predictor_skip=gaussian`), which saves
+  the default skip's extra forward-network evaluation at the data mean;
 - NFDM with an equal-size forward network (`forward_width=width, forward_depth=depth`).
 
 Rounds are interleaved (one timing of every configuration per round) so drifting machine load
@@ -70,6 +72,11 @@ def main():
             default, model=dataclasses.replace(model, forward=nd.ForwardChoice.LINEAR)
         ),
         "NFDM, default config": default,
+        # The default skip evaluates the forward network once more, at the data mean (session 12).
+        "NFDM, anchor-path skip (gaussian)": dataclasses.replace(
+            default,
+            model=dataclasses.replace(model, predictor_skip=nd.PredictorSkipChoice.GAUSSIAN),
+        ),
         "NFDM, equal-size forward net": dataclasses.replace(
             default,
             model=dataclasses.replace(model, forward_width=model.width, forward_depth=model.depth),

@@ -171,7 +171,9 @@ def train(
         str | None,
         typer.Option(
             help="Skip connection of the predictor: gaussian (default; the posterior mean on the "
-            "forward process's reference path) or linear (the earlier (1 - t) z form)."
+            "forward process's reference path), gaussian-full (the same on the learnable "
+            "process's path at the data mean, its network's log-scale correction included) or "
+            "linear (the earlier (1 - t) z form)."
         ),
     ] = None,
     channels: Annotated[

@@ -32,8 +32,8 @@ class NFDM(eqx.Module):
 
     - `forward`: any `AbstractForwardProcess`.
     - `predictor`: any module `(z, t) -> x_hat` on one example. A library `Predictor` is
-      called with the forward process's `reference_path(t)` as well, which its skip
-      connection is built on (`predict`).
+      called with the forward process's `reference_path(t)` (or, for the `gaussian-full`
+      skip, its `skip_path(t, z)`) as well, which its skip connection is built on (`predict`).
     - `volatility`: any `AbstractVolatility`.
     - `data_shape`: the shape of one example. Inferred from an MLP predictor when omitted.
     """
@@ -98,8 +98,11 @@ class NFDM(eqx.Module):
 
     def predict(self, z: Data, t: Time) -> Data:
         """x_hat(z, t). A library `Predictor` is preconditioned on the forward process's
-        reference path; any other module is called as `predictor(z, t)`."""
+        reference path (`gaussian` skip) or on its path at the data mean (`gaussian-full`);
+        any other module is called as `predictor(z, t)`."""
         if isinstance(self.predictor, Predictor):
+            if self.predictor.skip == "gaussian-full":
+                return self.predictor(z, t, self.forward.skip_path(t, z))
             return self.predictor(z, t, self.forward.reference_path(t))
         return self.predictor(z, t)
 

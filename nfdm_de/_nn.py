@@ -132,7 +132,7 @@ class TimeConditionedMLP(eqx.Module):
         return self.output(h)
 
 
-PREDICTOR_SKIPS = ("gaussian", "linear")
+PREDICTOR_SKIPS = ("gaussian", "gaussian-full", "linear")
 
 
 def linear_reference_path(t: Time, delta: float) -> tuple[Scalar, Scalar]:
@@ -144,9 +144,9 @@ def linear_reference_path(t: Time, delta: float) -> tuple[Scalar, Scalar]:
 class Predictor(eqx.Module):
     """The data predictor x_hat(z, t) = c_skip(t) z + c_out(t) NN(z, t).
 
-    `skip` = "gaussian" (the default): with (a, sigma) the coefficients of a Gaussian path
-    z = a x + sigma eps (the forward process's `reference_path`, which `NFDM` passes in; the
-    linear path when called without one),
+    `skip` = "gaussian-full" (the default) or "gaussian": with (a, sigma) the coefficients of a
+    Gaussian path z = a x + sigma eps (which `NFDM` passes in; the linear path when called
+    without one),
 
         c_skip = a / (a^2 + sigma^2),   c_out = sigma / sqrt(a^2 + sigma^2),
 
@@ -156,13 +156,20 @@ class Predictor(eqx.Module):
     Matching the skip to each process's own path let every path's predictor learn faster at
     the default budget (docs/peers.md, session 10).
 
+    The two differ only in the path `NFDM` passes: for "gaussian" the forward process's
+    `reference_path` (the learnable process's anchor, its network's correction left out), for
+    "gaussian-full" its `skip_path`, the path at the data mean x = 0 with the network's
+    log-scale correction included. The learned correction shifts the whole schedule; matching
+    it removed a 0.03-nat cost on gmm-10d at 10,000 steps and changed nothing measurable at the
+    default 3,000 (docs/peers.md, session 12). Called directly, the two agree.
+
     `skip` = "linear" is the earlier parameterisation, (1 - t) z + (t + delta) NN(z, t), kept
     for checkpoints trained with it.
     """
 
     network: eqx.Module
     delta: float = 0.01
-    skip: str = eqx.field(default="gaussian", static=True)
+    skip: str = eqx.field(default="gaussian-full", static=True)
 
     def __check_init__(self):
         if not (isinstance(self.delta, int | float) and 0.0 < self.delta < 1.0):
@@ -170,9 +177,7 @@ class Predictor(eqx.Module):
         if self.skip not in PREDICTOR_SKIPS:
             raise ValueError(f"`skip` must be one of {PREDICTOR_SKIPS}; got {self.skip!r}.")
 
-    def __call__(
-        self, z: Data, t: Time, reference_path: tuple[Scalar, Scalar] | None = None
-    ) -> Data:
+    def __call__(self, z: Data, t: Time, reference_path: tuple[Array, Array] | None = None) -> Data:
         t = jnp.asarray(t, z.dtype)
         out = self.network(z, t)
         if out.shape != z.shape:
@@ -195,7 +200,7 @@ def mlp_predictor(
     depth: int = 3,
     delta: float = 0.01,
     input_octaves: int = 0,
-    skip: str = "gaussian",
+    skip: str = "gaussian-full",
     key: Key,
 ) -> Predictor:
     """The reference predictor for vectors: `Predictor` around a `TimeConditionedMLP`."""

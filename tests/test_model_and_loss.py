@@ -81,7 +81,7 @@ def test_diffusion_term_matches_its_definition(getkey):
     t = 0.37
     z = model.forward.transform(eps, t, x)
     g = model.volatility(t)
-    x_hat = model.predictor(z, t)
+    x_hat = model.predict(z, t)
     expected = jnp.sum(
         (model.forward.backward_drift(z, t, x, g) - model.forward.backward_drift(z, t, x_hat, g))
         ** 2

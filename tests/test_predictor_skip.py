@@ -1,7 +1,9 @@
-"""The predictor's skip connection: with the default `gaussian` skip and a network that outputs
-zero, `NFDM.predict` is the exact posterior mean E[x | z] for standard Gaussian data on the
-forward process's own path (the oracle reads the path from `mean_and_log_scale`, not from
-`reference_path`); the legacy `linear` skip and old checkpoints' configs keep the earlier form."""
+"""The predictor's skip connection: with the `gaussian` skip and a network that outputs zero,
+`NFDM.predict` is the exact posterior mean E[x | z] for standard Gaussian data on the forward
+process's reference path (the oracle reads the path from `mean_and_log_scale`, not from
+`reference_path`); with the default `gaussian-full` skip it is the posterior mean on the learnable
+process's corrected path too; the legacy `linear` skip and old checkpoints' configs keep the
+earlier forms."""
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -61,7 +63,7 @@ def test_gaussian_skip_is_the_posterior_mean_on_the_reference_path(name, getkey)
     if name == "neural-gaussian(mixed anchor)":
         # The learned anchor weight moved away from 0.5, so the mixture is really tested.
         assert abs(float(forward.vp_weight) - 0.5) > 0.05
-    predictor = nd.Predictor(ZeroNetwork(), delta=forward.delta)
+    predictor = nd.Predictor(ZeroNetwork(), delta=forward.delta, skip="gaussian")
     model = nd.NFDM(forward, predictor, nd.ConstantVolatility(1.0), data_shape=(DATA_SIZE,))
     oracle = PosteriorMean(path, jnp.zeros(DATA_SIZE), jnp.eye(DATA_SIZE))
     z = jr.normal(getkey(), (DATA_SIZE,), jnp.float64)
@@ -105,7 +107,16 @@ def test_a_config_stored_before_the_gaussian_skip_loads_with_the_linear_one():
     assert config.model.predictor_skip is nd.PredictorSkipChoice.LINEAR
     model = nd.build_model(config.model, (2,), key=jr.key(0))
     assert model.predictor.skip == "linear"
-    assert nd.build_model(nd.ModelConfig(), (2,), key=jr.key(0)).predictor.skip == "gaussian"
+    default_skip = nd.build_model(nd.ModelConfig(), (2,), key=jr.key(0)).predictor.skip
+    assert default_skip == "gaussian-full"
+
+
+def test_a_config_stored_with_the_anchor_skip_keeps_it():
+    # Runs saved in sessions 10-11 stored `gaussian` explicitly; they must compute what they did.
+    stored = nd.TrainConfig().to_dict()
+    stored["model"]["predictor_skip"] = "gaussian"
+    config = nd.TrainConfig.from_dict(stored)
+    assert nd.build_model(config.model, (2,), key=jr.key(0)).predictor.skip == "gaussian"
 
 
 def test_bad_skip_names_the_problem():
@@ -124,3 +135,72 @@ def test_reference_path_gradient_reaches_the_anchor_weight(getkey):
     z = jr.normal(getkey(), (DATA_SIZE,))
     grad = eqx.filter_grad(lambda m: jnp.sum(m.predict(z, 0.4)))(model)
     assert float(jnp.abs(grad.forward.anchor_logit)) > 0
+
+
+def _with_constant_log_scale_correction(forward, key):
+    """The NeuralGaussian whose network outputs a constant, per-coordinate log-scale correction
+    c (and no mean correction): the data-independent path mu = a(t) x, sigma_i = s(t) exp(t(1 -
+    t) c_i), which the `gaussian` skip (built on the anchor's s(t)) does not match."""
+    size = forward.network.out_size // 2
+    bias = jnp.concatenate([jnp.zeros(size), 0.8 * jr.normal(key, (size,))])
+    forward = eqx.tree_at(lambda f: f.network.output.weight, forward, replace_fn=jnp.zeros_like)
+    return eqx.tree_at(lambda f: f.network.output.bias, forward, bias)
+
+
+def test_full_skip_is_the_posterior_mean_on_the_learned_path(getkey):
+    forward = nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor="mixed", key=getkey())
+    forward = as_f64(_with_constant_log_scale_correction(forward, getkey()))
+    z = jr.normal(getkey(), (DATA_SIZE,), jnp.float64)
+    for skip, should_match in (("gaussian-full", True), ("gaussian", False)):
+        predictor = nd.Predictor(ZeroNetwork(), delta=forward.delta, skip=skip)
+        model = nd.NFDM(forward, predictor, nd.ConstantVolatility(1.0), data_shape=(DATA_SIZE,))
+        for t in (0.03, 0.3, 0.7, 0.97):
+            t = jnp.asarray(t, jnp.float64)
+            # The oracle reads the path from the process itself (mu(1, t) = a, per-coordinate
+            # sigma): for standard Gaussian data, E[x_i | z] = a z_i / (a^2 + sigma_i^2).
+            mu, log_sigma = forward.mean_and_log_scale(jnp.ones(DATA_SIZE, jnp.float64), t)
+            a, sigma = mu[0], jnp.exp(log_sigma)
+            assert float(jnp.max(jnp.abs(mu - a))) < IDENTITY_TOL
+            expected = a * z / (a**2 + sigma**2)
+            error = float(jnp.max(jnp.abs(model.predict(z, t) - expected)))
+            if should_match:
+                assert error < IDENTITY_TOL, (skip, float(t))
+            else:  # the anchor-only skip misses the correction: the test can tell them apart
+                assert error > 1e-5, (skip, float(t))
+
+
+@pytest.mark.parametrize("name", ["linear", "vp", "learned-schedule"])
+def test_full_skip_equals_the_gaussian_skip_on_a_fixed_path(name, getkey):
+    forward, _ = _gaussian_paths(getkey())[name]
+    network = nd.TimeConditionedMLP(DATA_SIZE, DATA_SIZE, width=8, depth=1, key=getkey())
+    z = jr.normal(getkey(), (DATA_SIZE,))
+    predictions = []
+    for skip in ("gaussian", "gaussian-full"):
+        predictor = nd.Predictor(network, delta=forward.delta, skip=skip)
+        model = nd.NFDM(forward, predictor, nd.ConstantVolatility(1.0), data_shape=(DATA_SIZE,))
+        predictions.append(jnp.stack([model.predict(z, t) for t in TIMES]))
+    assert bool(jnp.all(predictions[0] == predictions[1]))
+
+
+def test_full_skip_gradient_reaches_the_forward_network(getkey):
+    # With `gaussian-full` the objective reaches the forward network through the predictor's
+    # skip too; with `gaussian` the skip does not involve the network at all.
+    forward = nd.neural_gaussian(DATA_SIZE, width=8, depth=1, anchor="mixed", key=getkey())
+    z = jr.normal(getkey(), (DATA_SIZE,))
+    for skip, reaches in (("gaussian-full", True), ("gaussian", False)):
+        predictor = nd.Predictor(ZeroNetwork(), delta=forward.delta, skip=skip)
+        model = nd.NFDM(forward, predictor, nd.ConstantVolatility(1.0), data_shape=(DATA_SIZE,))
+        grad = eqx.filter_grad(lambda m: jnp.sum(m.predict(z, 0.4)))(model)
+        # The zero-initialised output layer's weight gets a gradient only through the skip.
+        size = float(jnp.sum(jnp.abs(grad.forward.network.output.weight)))
+        assert (size > 0) == reaches, skip
+
+
+def test_full_skip_on_images_uses_the_forward_network_at_zero(getkey):
+    shape = (8, 8, 1)
+    config = nd.ModelConfig(predictor_skip=nd.PredictorSkipChoice.GAUSSIAN_FULL, channels=4)
+    model = nd.build_model(config, shape, key=getkey())
+    a, sigma = model.forward.skip_path(jnp.asarray(0.5), jnp.zeros(shape))
+    assert sigma.shape == shape and bool(jnp.all(jnp.isfinite(sigma)))
+    z = jr.normal(getkey(), shape)
+    assert model.predict(z, 0.5).shape == shape
