@@ -60,6 +60,7 @@ def test_help():
         "--likelihood-bound-weight",
         "--input-octaves",
         "--forward-anchor",
+        "--predictor-skip",
     ):
         assert flag in result.stdout
 
@@ -168,6 +169,7 @@ def bad_files(tmp_path):
         (["--forward", "learned-schedule", "--volatility", "zero"], "degenerates"),
         (["--resume"], "--resume needs --run-dir"),
         (["--forward-anchor", "curved"], "unknown forward_anchor 'curved'"),
+        (["--predictor-skip", "full"], "unknown predictor_skip 'full'"),
         (["--likelihood-steps", "-1"], "`likelihood_steps` must be an integer >= 0"),
         (["--likelihood-lr", "0"], "`likelihood_lr` must be a finite number > 0"),
         (["--likelihood-bound-weight", "-1"], "`likelihood_bound_weight` must be a finite"),
