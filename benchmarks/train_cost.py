@@ -8,8 +8,8 @@ own jitted `nfdm_de.train_step` (AdamW, clipping, EMA), with the default `TrainC
 
 - the linear baseline (default predictor, `forward=linear`);
 - NFDM with the default configuration (`ModelConfig()`: forward network 2x48);
-- the same with the predictor's skip on the anchor path (`predictor_skip=gaussian`), which saves
-  the default skip's extra forward-network evaluation at the data mean;
+- the same with the predictor's skip on the learned path (`predictor_skip=gaussian-full`), which
+  adds a forward-network evaluation at the data mean;
 - NFDM with an equal-size forward network (`forward_width=width, forward_depth=depth`).
 
 Rounds are interleaved (one timing of every configuration per round) so drifting machine load
@@ -72,10 +72,10 @@ def main():
             default, model=dataclasses.replace(model, forward=nd.ForwardChoice.LINEAR)
         ),
         "NFDM, default config": default,
-        # The default skip evaluates the forward network once more, at the data mean (session 12).
-        "NFDM, anchor-path skip (gaussian)": dataclasses.replace(
+        # This skip evaluates the forward network once more, at the data mean (session 12).
+        "NFDM, learned-path skip (gaussian-full)": dataclasses.replace(
             default,
-            model=dataclasses.replace(model, predictor_skip=nd.PredictorSkipChoice.GAUSSIAN),
+            model=dataclasses.replace(model, predictor_skip=nd.PredictorSkipChoice.GAUSSIAN_FULL),
         ),
         "NFDM, equal-size forward net": dataclasses.replace(
             default,

@@ -170,10 +170,11 @@ def train(
     predictor_skip: Annotated[
         str | None,
         typer.Option(
-            help="Skip connection of the predictor: gaussian-full (default; the posterior mean "
-            "on the forward process's path at the data mean, the learnable process's log-scale "
-            "correction included), gaussian (the same on its reference path: NFDM's anchor "
-            "without the network) or linear (the earlier (1 - t) z form)."
+            help="Skip connection of the predictor: gaussian (default; the posterior mean on the "
+            "forward process's reference path: NFDM's anchor without the network), "
+            "gaussian-full (the same on the path at the data mean, the learnable process's "
+            "log-scale correction included; for long simulation-free training) or linear (the "
+            "earlier (1 - t) z form)."
         ),
     ] = None,
     channels: Annotated[

@@ -64,7 +64,8 @@ class PredictorSkipChoice(enum.Enum):
     """The skip connection of the reference predictor (`Predictor.skip`)."""
 
     GAUSSIAN = "gaussian"  # posterior mean on the forward process's reference path
-    # ... on its path at the data mean (the learnable process's log-scale correction included)
+    # ... on its path at the data mean (the learnable process's log-scale correction included);
+    # for simulation-free training to many steps (docs/peers.md, session 12)
     GAUSSIAN_FULL = "gaussian-full"
     LINEAR = "linear"  # (1 - t) z + (t + delta) NN: checkpoints written before it
 
@@ -113,17 +114,18 @@ class ModelConfig:
       the mean held-out bound from 0.140 (vp) to 0.136 nats and the mean ODE NLL from 0.185
       to 0.169, improving 5 of 6 sets on each; `vp` had in turn beaten `linear` (rings bound
       0.129 vs 0.180; docs/peers.md).
-    - `predictor_skip`: the predictor's skip connection (`Predictor`): `gaussian-full`
-      (default) or `gaussian`, the posterior mean for standardised Gaussian data on the forward
+    - `predictor_skip`: the predictor's skip connection (`Predictor`): `gaussian` (default) or
+      `gaussian-full`, the posterior mean for standardised Gaussian data on the forward
       process's path, scaled so the network's target has unit size; or `linear`, (1 - t) z +
       (t + delta) NN, the earlier form. `gaussian` lowered the held-out bound gap of every
       forward process at the default budget, most for the path it matches: the linear path
       from 0.150 to 0.102 nats on checkerboard and 0.440 to 0.219 on gmm-10d (docs/peers.md,
       session 10). The two Gaussian skips differ for the learnable Gaussian process only:
       `gaussian` uses its anchor path, `gaussian-full` its path at the data mean, the
-      network's log-scale correction included; at 10,000 steps that lowered NFDM's gmm-10d
-      bound from 0.137 to 0.103 nats (two seeds), at the default budget it changed nothing
-      measurable (session 12).
+      network's log-scale correction included; at 10,000 simulation-free steps that lowered
+      NFDM's gmm-10d bound from 0.137 to 0.103 nats (two seeds), at the default budget it
+      changed nothing measurable, and after the default likelihood phase it was worse (ODE gap
+      +0.018 against +0.010 on eight-gaussians, bound gap 0.66 against 0.12; session 12).
     - `time_power`: importance sampling of t in the objective, t = u^time_power with weights
       1/p(t) (1 = uniform; > 1 concentrates on small t, where the bound's integrand is largest).
       The default 3 lowered the held-out bound by ~0.1 nat and the ODE NLL slightly on the toy
@@ -144,7 +146,7 @@ class ModelConfig:
     input_octaves: int = 4
     forward_input_octaves: int = 0
     forward_anchor: AnchorChoice = AnchorChoice.MIXED
-    predictor_skip: PredictorSkipChoice = PredictorSkipChoice.GAUSSIAN_FULL
+    predictor_skip: PredictorSkipChoice = PredictorSkipChoice.GAUSSIAN
 
     def __post_init__(self):
         _check_enum("forward", self.forward, ForwardChoice)

@@ -321,8 +321,8 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
         The network learns a log-scale correction that hardly depends on x but moves the whole
         schedule (up to 0.38 on gmm-10d); a skip built on the anchor's sigma then no longer
         matches the path, and at 10,000 steps that cost NFDM 0.03 nats of bound on gmm-10d
-        (docs/peers.md, session 12). The mean correction (at most 0.01 there) is left out, so
-        the skip stays a multiple of z.
+        (docs/peers.md, session 12; `gaussian-full` is not the default). The mean correction
+        (at most 0.01 there) is left out, so the skip stays a multiple of z.
         """
         like = jnp.asarray(like)
         t = jnp.asarray(t, like.dtype)

@@ -144,7 +144,7 @@ def linear_reference_path(t: Time, delta: float) -> tuple[Scalar, Scalar]:
 class Predictor(eqx.Module):
     """The data predictor x_hat(z, t) = c_skip(t) z + c_out(t) NN(z, t).
 
-    `skip` = "gaussian-full" (the default) or "gaussian": with (a, sigma) the coefficients of a
+    `skip` = "gaussian" (the default) or "gaussian-full": with (a, sigma) the coefficients of a
     Gaussian path z = a x + sigma eps (which `NFDM` passes in; the linear path when called
     without one),
 
@@ -160,8 +160,10 @@ class Predictor(eqx.Module):
     `reference_path` (the learnable process's anchor, its network's correction left out), for
     "gaussian-full" its `skip_path`, the path at the data mean x = 0 with the network's
     log-scale correction included. The learned correction shifts the whole schedule; matching
-    it removed a 0.03-nat cost on gmm-10d at 10,000 steps and changed nothing measurable at the
-    default 3,000 (docs/peers.md, session 12). Called directly, the two agree.
+    it removed a 0.03-nat cost on gmm-10d at 10,000 simulation-free steps and changed nothing
+    measurable at the default 3,000, but made the default likelihood phase's ODE stiff (4x the
+    NFE) and its result worse, so it is not the default (docs/peers.md, session 12). Called
+    directly, the two agree.
 
     `skip` = "linear" is the earlier parameterisation, (1 - t) z + (t + delta) NN(z, t), kept
     for checkpoints trained with it.
@@ -169,7 +171,7 @@ class Predictor(eqx.Module):
 
     network: eqx.Module
     delta: float = 0.01
-    skip: str = eqx.field(default="gaussian-full", static=True)
+    skip: str = eqx.field(default="gaussian", static=True)
 
     def __check_init__(self):
         if not (isinstance(self.delta, int | float) and 0.0 < self.delta < 1.0):
@@ -200,7 +202,7 @@ def mlp_predictor(
     depth: int = 3,
     delta: float = 0.01,
     input_octaves: int = 0,
-    skip: str = "gaussian-full",
+    skip: str = "gaussian",
     key: Key,
 ) -> Predictor:
     """The reference predictor for vectors: `Predictor` around a `TimeConditionedMLP`."""

@@ -253,7 +253,7 @@ def unet_predictor(
     channel_mults: Sequence[int] = (1, 2),
     num_frequencies: int = 8,
     delta: float = 0.01,
-    skip: str = "gaussian-full",
+    skip: str = "gaussian",
     key: Key,
 ) -> Predictor:
     """The reference predictor for images: `Predictor` around a `UNet` with C -> C channels."""

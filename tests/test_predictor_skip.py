@@ -1,7 +1,7 @@
 """The predictor's skip connection: with the `gaussian` skip and a network that outputs zero,
 `NFDM.predict` is the exact posterior mean E[x | z] for standard Gaussian data on the forward
 process's reference path (the oracle reads the path from `mean_and_log_scale`, not from
-`reference_path`); with the default `gaussian-full` skip it is the posterior mean on the learnable
+`reference_path`); with the `gaussian-full` skip it is the posterior mean on the learnable
 process's corrected path too; the legacy `linear` skip and old checkpoints' configs keep the
 earlier forms."""
 
@@ -108,15 +108,16 @@ def test_a_config_stored_before_the_gaussian_skip_loads_with_the_linear_one():
     model = nd.build_model(config.model, (2,), key=jr.key(0))
     assert model.predictor.skip == "linear"
     default_skip = nd.build_model(nd.ModelConfig(), (2,), key=jr.key(0)).predictor.skip
-    assert default_skip == "gaussian-full"
+    assert default_skip == "gaussian"
 
 
 def test_a_config_stored_with_the_anchor_skip_keeps_it():
-    # Runs saved in sessions 10-11 stored `gaussian` explicitly; they must compute what they did.
-    stored = nd.TrainConfig().to_dict()
-    stored["model"]["predictor_skip"] = "gaussian"
-    config = nd.TrainConfig.from_dict(stored)
-    assert nd.build_model(config.model, (2,), key=jr.key(0)).predictor.skip == "gaussian"
+    # A stored skip is what the run is rebuilt with, whatever the current default.
+    for skip in ("gaussian", "gaussian-full"):
+        stored = nd.TrainConfig().to_dict()
+        stored["model"]["predictor_skip"] = skip
+        config = nd.TrainConfig.from_dict(stored)
+        assert nd.build_model(config.model, (2,), key=jr.key(0)).predictor.skip == skip
 
 
 def test_bad_skip_names_the_problem():
