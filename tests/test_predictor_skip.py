@@ -111,7 +111,7 @@ def test_a_config_stored_before_the_gaussian_skip_loads_with_the_linear_one():
     assert default_skip == "gaussian"
 
 
-def test_a_config_stored_with_the_anchor_skip_keeps_it():
+def test_a_stored_gaussian_skip_is_kept():
     # A stored skip is what the run is rebuilt with, whatever the current default.
     for skip in ("gaussian", "gaussian-full"):
         stored = nd.TrainConfig().to_dict()
