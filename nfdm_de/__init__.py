@@ -132,6 +132,7 @@ from ._terms import (
     RademacherProbe as RademacherProbe,
 )
 from ._train import (
+    CompiledTrainStep as CompiledTrainStep,
     LoadedRun as LoadedRun,
     TrainingDiverged as TrainingDiverged,
     TrainResult as TrainResult,

@@ -293,9 +293,7 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
         """w in the mixed anchor (0 = linear path, 1 = VP); None for a fixed anchor."""
         return None if self.anchor_logit is None else jax.nn.sigmoid(self.anchor_logit)
 
-    def mean_and_log_scale(self, x: Data, t: Time) -> tuple[Data, Data]:
-        t = jnp.asarray(t, x.dtype)
-        out = self.network(x, t)
+    def _corrections(self, out: Array, x: Data) -> tuple[Array, Array]:
         expected = (*x.shape[:-1], 2 * x.shape[-1])
         if out.shape != expected:
             raise ValueError(
@@ -303,9 +301,36 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
                 f"corrections for data of shape {x.shape}); it returned {out.shape}."
             )
         mean_correction, log_scale_correction = jnp.split(out, 2, axis=-1)
+        return mean_correction, log_scale_correction
+
+    def mean_and_log_scale(self, x: Data, t: Time) -> tuple[Data, Data]:
+        t = jnp.asarray(t, x.dtype)
+        mean_correction, log_scale_correction = self._corrections(self.network(x, t), x)
         gate = t * (1 - t)
         base_mu, base_log_sigma = _anchor_moments(self.anchor, self.vp_weight, t, x, self.delta)
         return base_mu + gate * mean_correction, base_log_sigma + gate * log_scale_correction
+
+    def _moments_and_rates(self, x: Data, t: Time) -> tuple[Data, Data, Data, Data]:
+        if not isinstance(self.network, TimeConditionedMLP):
+            return super()._moments_and_rates(x, t)
+        # The reference MLP writes its time derivative out (`value_and_time_derivative`), which
+        # is cheaper to differentiate in training than a forward-mode pass through it.
+        t = jnp.asarray(t, x.dtype)
+        out, out_rate = self.network.value_and_time_derivative(x, t)
+        mean_correction, log_scale_correction = self._corrections(out, x)
+        mean_rate, log_scale_rate = self._corrections(out_rate, x)
+        (base_mu, base_log_sigma), (base_mu_rate, base_log_sigma_rate) = jax.jvp(
+            lambda s: _anchor_moments(self.anchor, self.vp_weight, s, x, self.delta),
+            (t,),
+            (jnp.ones_like(t),),
+        )
+        gate, gate_rate = t * (1 - t), 1 - 2 * t
+        return (
+            base_mu + gate * mean_correction,
+            base_log_sigma + gate * log_scale_correction,
+            base_mu_rate + gate_rate * mean_correction + gate * mean_rate,
+            base_log_sigma_rate + gate_rate * log_scale_correction + gate * log_scale_rate,
+        )
 
     def reference_path(self, t: Time) -> tuple[Scalar, Scalar]:
         """The anchor path's coefficients (the network's correction left out)."""

@@ -37,6 +37,17 @@ class FourierTimeFeatures(eqx.Module):
         angles = 2 * math.pi * jnp.asarray(self.frequencies, t.dtype) * t
         return jnp.concatenate([t[None], jnp.sin(angles), jnp.cos(angles)])
 
+    def value_and_time_derivative(
+        self, t: Time
+    ) -> tuple[Float[Array, " features"], Float[Array, " features"]]:
+        """The features and their derivative in t, [1, w_k cos(w_k t), -w_k sin(w_k t)]."""
+        t = jnp.asarray(t)
+        omega = 2 * math.pi * jnp.asarray(self.frequencies, t.dtype)
+        sin, cos = jnp.sin(omega * t), jnp.cos(omega * t)
+        value = jnp.concatenate([t[None], sin, cos])
+        derivative = jnp.concatenate([jnp.ones((1,), t.dtype), omega * cos, -omega * sin])
+        return value, derivative
+
 
 class FourierInputFeatures(eqx.Module):
     """x -> [x, sin(f_k x_d), cos(f_k x_d)] for every coordinate d and octave f_k = 2^k
@@ -130,6 +141,44 @@ class TimeConditionedMLP(eqx.Module):
         for layer, projection in zip(self.layers, self.time_projections, strict=True):
             h = jax.nn.silu(layer(h) + projection(features))
         return self.output(h)
+
+    def value_and_time_derivative(
+        self, x: Float[Array, " in_size"], t: Time
+    ) -> tuple[Float[Array, " out_size"], Float[Array, " out_size"]]:
+        """(y, dy/dt) at (x, t), the derivative written out layer by layer.
+
+        Equal to `jax.jvp(lambda s: self(x, s), (t,), (1,))` (tested to float64 rounding), but
+        cheaper to differentiate: only the time columns of the first layer carry a tangent, the
+        features' derivative is closed form, and every product is written vector @ W^T, which
+        vectorises over a batch without transposing activations. A learnable forward process
+        needs this derivative twice per training example; compared with `jax.jvp` it cut the
+        default NFDM train step by about 10% on a 2-core CPU (docs/peers.md, session 13).
+        """
+        if x.shape != (self.in_size,):
+            raise ValueError(
+                f"TimeConditionedMLP expects a vector of shape ({self.in_size},); got {x.shape}."
+            )
+        features, features_rate = self.time_features.value_and_time_derivative(
+            jnp.asarray(t, x.dtype)
+        )
+        inputs = x if self.input_features is None else self.input_features(x)
+        h = jnp.concatenate([inputs, features])
+        rate = None
+        for i, (layer, projection) in enumerate(
+            zip(self.layers, self.time_projections, strict=True)
+        ):
+            pre = h @ layer.weight.T + layer.bias + features @ projection.weight.T
+            if i == 0:
+                # d/dt of [inputs, features] is [0, features_rate]: only the time columns count.
+                time_weight = layer.weight[:, inputs.shape[0] :] + projection.weight
+                pre_rate = features_rate @ time_weight.T
+            else:
+                pre_rate = rate @ layer.weight.T + features_rate @ projection.weight.T
+            gate = jax.nn.sigmoid(pre)
+            # silu(a) = a sigmoid(a); silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a))).
+            h = pre * gate
+            rate = pre_rate * (gate * (1 + pre * (1 - gate)))
+        return h @ self.output.weight.T + self.output.bias, rate @ self.output.weight.T
 
 
 PREDICTOR_SKIPS = ("gaussian", "gaussian-full", "linear")

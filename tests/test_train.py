@@ -273,3 +273,33 @@ def test_extending_a_finished_constant_schedule_run_is_exact(tmp_path):
     a, b = nd.load_run(str(tmp_path / "a")), nd.load_run(str(tmp_path / "b"))
     assert a.step == b.step == 40 and a.config == b.config == constant
     assert _bit_identical(a.model, b.model) and _bit_identical(a.raw_model, b.raw_model)
+
+
+def test_compiled_train_step_matches_train_step_and_refuses_another_layout(getkey):
+    """`CompiledTrainStep` (what `train` runs) computes exactly `train_step`, for the
+    simulation-free and the likelihood objective, and names a state of another layout."""
+    state = nd.init_train_state(TINY, (2,))
+    batch = jnp.asarray(nd.load_dataset("eight-gaussians", num=TINY.batch_size))
+    optimizer = nd.make_optimizer(TINY.optim)
+    options = dict(curvature_weight=0.0, ema_decay=TINY.optim.ema_decay, num_levels=None)
+    likelihood = nd.LikelihoodSolve(tol=1e-3)
+    lr = jnp.asarray(0.01, batch.dtype)
+    for extra in ({}, {"likelihood": likelihood, "bound_weight": 0.5}):
+        compiled = nd.CompiledTrainStep(state, optimizer, **options, **extra)
+        ours, theirs = state, state
+        for step in range(2):
+            ours, terms, norm = compiled(ours, batch, jnp.asarray(step), lr)
+            theirs, want_terms, want_norm = nd.train_step(
+                theirs, batch, jnp.asarray(step), lr, optimizer, **options, **extra
+            )
+        assert _bit_identical(ours, theirs)
+        assert float(terms.total) == float(want_terms.total) and float(norm) == float(want_norm)
+        assert not _bit_identical(ours.model, state.model)
+    other = nd.init_train_state(
+        dataclasses.replace(
+            TINY, model=dataclasses.replace(TINY.model, width=TINY.model.width + 1)
+        ),
+        (2,),
+    )
+    with pytest.raises(ValueError, match="layout"):
+        compiled(other, batch, jnp.asarray(0), lr)
