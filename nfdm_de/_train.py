@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from jaxtyping import Array, Float, UInt
+from jaxtyping import Array, ArrayLike, Float, UInt
 
 from ._bridge import BridgeModel, bridge_loss, build_bridge_model
 from ._checkpoint import (
@@ -365,12 +365,12 @@ class CompiledTrainStep:
     def __call__(
         self,
         state: TrainState,
-        batch: Float[Array, " batch *shape"],
-        step: Array,
-        lr: Array,
+        batch: Float[ArrayLike, " batch *shape"],
+        step: ArrayLike,
+        lr: ArrayLike,
         *,
-        source_batch: Float[Array, " batch dim"] | None = None,
-        ema_step: Array | None = None,
+        source_batch: Float[ArrayLike, " batch dim"] | None = None,
+        ema_step: ArrayLike | None = None,
     ) -> tuple[TrainState, LossBreakdown, Array]:
         """As `train_step(state, batch, step, lr, optimizer, ...)` with this object's options."""
         arrays, breakdown, grad_norm = self._jitted(
