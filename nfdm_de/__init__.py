@@ -40,6 +40,7 @@ from ._data import (
     IMAGE_DATASETS as IMAGE_DATASETS,
     AbstractDataset as AbstractDataset,
     AffineDataTransform as AffineDataTransform,
+    BatchStream as BatchStream,
     Checkerboard as Checkerboard,
     Digits as Digits,
     EightGaussians as EightGaussians,

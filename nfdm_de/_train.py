@@ -56,7 +56,7 @@ from ._config import (
 from ._data import (
     IMAGE_DATASETS,
     AffineDataTransform,
-    batch_dataset,
+    BatchStream,
     dataset_num_levels,
     dequantise,
     fit_transform,
@@ -710,16 +710,14 @@ def train(
 
     optimizer = make_optimizer(config.optim)
     schedule = run_schedule(config)
-    batches = batch_dataset(data, batch_size=config.batch_size, seed=config.seed, rows=rows)
-    iterator = iter(batches.to_iter_dataset())
+    iterator = BatchStream(data, batch_size=config.batch_size, seed=config.seed, rows=rows)
     if iterator_state is not None:
         iterator.set_state(iterator_state)
     source_iterator = None
     if source_data is not None:
-        source_batches = batch_dataset(
+        source_iterator = BatchStream(
             source_data, batch_size=config.batch_size, seed=config.seed + 1
         )
-        source_iterator = iter(source_batches.to_iter_dataset())
         if source_iterator_state is not None:
             source_iterator.set_state(source_iterator_state)
     step_options = dict(

@@ -239,3 +239,34 @@ def test_true_nll_only_for_built_in_known_densities():
     np.testing.assert_allclose(nd.true_nll("two-moons", x), expected, rtol=1e-10)
     assert nd.true_nll("digits", np.zeros((2, 64))) is None
     assert nd.true_nll("some/file.npy", np.zeros((2, 2))) is None
+
+
+@pytest.mark.parametrize(
+    "size, batch_size, rows", [(20, 5, None), (23, 7, None), (3, 8, None), (30, 8, slice(2, 6))]
+)
+def test_batch_stream_is_grains_iterator_exactly(size, batch_size, rows):
+    """`BatchStream` (what `train` reads) yields grain's batches over several epochs (also a
+    batch longer than the data, and one process's rows), with interchangeable states."""
+    data = np.arange(2.0 * size).reshape(size, 2)
+    grain_iter = iter(
+        nd.batch_dataset(data, batch_size=batch_size, seed=11, rows=rows).to_iter_dataset()
+    )
+    stream = nd.BatchStream(data, batch_size=batch_size, seed=11, rows=rows)
+    for _ in range(4 * size // batch_size + 3):
+        np.testing.assert_array_equal(next(stream), next(grain_iter))
+    assert stream.get_state() == grain_iter.get_state()
+    resumed = nd.BatchStream(data, batch_size=batch_size, seed=11, rows=rows)
+    resumed.set_state(grain_iter.get_state())
+    np.testing.assert_array_equal(next(resumed), next(grain_iter))
+
+
+def test_batch_stream_falls_back_to_grain_when_its_shuffle_is_not_importable(monkeypatch):
+    import nfdm_de._data as data_module
+
+    data = np.arange(46.0).reshape(23, 2)
+    direct = nd.BatchStream(data, batch_size=7, seed=2)
+    fast = [next(direct) for _ in range(9)]
+    monkeypatch.setattr(data_module, "_grain_index_shuffle", None)
+    stream = nd.BatchStream(data, batch_size=7, seed=2)
+    for want in fast:
+        np.testing.assert_array_equal(next(stream), want)
