@@ -293,6 +293,57 @@ def _train_step(
 train_step = eqx.filter_jit(_train_step)
 
 
+@dataclasses.dataclass(frozen=True)
+class _StateLayout:
+    """A state's tree structure, which of its leaves are arrays, and the other leaves' values
+    (Python floats such as delta: constants of the layout). Hashable, so compiled steps can be
+    shared between states of one layout."""
+
+    treedef: Any
+    is_array: tuple[bool, ...]
+    constants: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, state: TrainState) -> "_StateLayout":
+        leaves, treedef = jax.tree.flatten(state)
+        is_array = tuple(eqx.is_array(leaf) for leaf in leaves)
+        constants = tuple(None if a else leaf for a, leaf in zip(is_array, leaves, strict=True))
+        return cls(treedef, is_array, constants)
+
+    def flatten(self, state: TrainState) -> list[Array]:
+        leaves, treedef = jax.tree.flatten(state)
+        if treedef != self.treedef:
+            raise ValueError(
+                "CompiledTrainStep: this state's layout (model, optimiser state) differs from "
+                "the one it was compiled for; build a new CompiledTrainStep for it."
+            )
+        return [leaf for is_array, leaf in zip(self.is_array, leaves, strict=True) if is_array]
+
+    def unflatten(self, arrays: list[Array]) -> TrainState:
+        remaining = iter(arrays)
+        leaves = [
+            next(remaining) if a else c for a, c in zip(self.is_array, self.constants, strict=True)
+        ]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
+def _arrays_step(layout: _StateLayout, optimizer, options: tuple):
+    """`train_step` on the flat arrays of a state of `layout`, jitted."""
+    step_fn = functools.partial(_train_step, optimizer=optimizer, **dict(options))
+
+    def step(arrays, batch, step, lr, source_batch, ema_step):
+        new_state, breakdown, grad_norm = step_fn(
+            layout.unflatten(arrays), batch, step, lr, source_batch=source_batch, ema_step=ema_step
+        )
+        return layout.flatten(new_state), breakdown, grad_norm
+
+    return jax.jit(step)
+
+
+# A second `train` in one process (another seed, a resumed run) reuses the compiled step.
+_cached_arrays_step = functools.lru_cache(maxsize=16)(_arrays_step)
+
+
 class CompiledTrainStep:
     """`train_step` compiled once for states of one layout; what `train` runs every step.
 
@@ -302,7 +353,8 @@ class CompiledTrainStep:
     as long as the step's own computation, and it grew with the number of arrays, so it taxed
     NFDM's larger state twice as much as the baseline's (docs/peers.md, session 13). Here the
     layout is read once: a call flattens the state with `jax.tree.flatten` and hands the
-    arrays to a `jax.jit` function as one list, whose dispatch runs in C++.
+    arrays to a `jax.jit` function as one list, whose dispatch runs in C++. Objects built for
+    the same layout and options share one compiled function.
 
     Results are identical to `train_step` with the same options. A state of another layout
     (another model or optimiser) is refused with a clear error.
@@ -320,47 +372,19 @@ class CompiledTrainStep:
         likelihood: LikelihoodSolve | None = None,
         bound_weight: float = 0.0,
     ):
-        leaves, self._treedef = jax.tree.flatten(like)
-        self._is_array = tuple(eqx.is_array(leaf) for leaf in leaves)
-        # Non-array leaves (Python floats such as delta) are constants of the layout.
-        self._constants = tuple(
-            None if a else leaf for a, leaf in zip(self._is_array, leaves, strict=True)
+        self._layout = _StateLayout.of(like)
+        options = (
+            ("curvature_weight", curvature_weight),
+            ("ema_decay", ema_decay),
+            ("num_levels", num_levels),
+            ("time_power", time_power),
+            ("likelihood", likelihood),
+            ("bound_weight", bound_weight),
         )
-        self._step = functools.partial(
-            _train_step,
-            optimizer=optimizer,
-            curvature_weight=curvature_weight,
-            ema_decay=ema_decay,
-            num_levels=num_levels,
-            time_power=time_power,
-            likelihood=likelihood,
-            bound_weight=bound_weight,
-        )
-        self._jitted = jax.jit(self._arrays_step)
-
-    def flatten(self, state: TrainState) -> list[Array]:
-        leaves, treedef = jax.tree.flatten(state)
-        if treedef != self._treedef:
-            raise ValueError(
-                "CompiledTrainStep: this state's layout (model, optimiser state) differs from "
-                "the one it was compiled for; build a new CompiledTrainStep for it."
-            )
-        return [leaf for is_array, leaf in zip(self._is_array, leaves, strict=True) if is_array]
-
-    def unflatten(self, arrays: list[Array]) -> TrainState:
-        remaining = iter(arrays)
-        leaves = [
-            next(remaining) if a else c
-            for a, c in zip(self._is_array, self._constants, strict=True)
-        ]
-        return jax.tree.unflatten(self._treedef, leaves)
-
-    def _arrays_step(self, arrays, batch, step, lr, source_batch, ema_step):
-        state = self.unflatten(arrays)
-        new_state, breakdown, grad_norm = self._step(
-            state, batch, step, lr, source_batch=source_batch, ema_step=ema_step
-        )
-        return self.flatten(new_state), breakdown, grad_norm
+        try:
+            self._jitted = _cached_arrays_step(self._layout, optimizer, options)
+        except TypeError:  # an unhashable constant or option: compile for this object alone
+            self._jitted = _arrays_step(self._layout, optimizer, options)
 
     def __call__(
         self,
@@ -374,9 +398,9 @@ class CompiledTrainStep:
     ) -> tuple[TrainState, LossBreakdown, Array]:
         """As `train_step(state, batch, step, lr, optimizer, ...)` with this object's options."""
         arrays, breakdown, grad_norm = self._jitted(
-            self.flatten(state), batch, step, lr, source_batch, ema_step
+            self._layout.flatten(state), batch, step, lr, source_batch, ema_step
         )
-        return self.unflatten(arrays), breakdown, grad_norm
+        return self._layout.unflatten(arrays), breakdown, grad_norm
 
 
 # --- run directories ----------------------------------------------------------------------------

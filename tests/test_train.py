@@ -295,6 +295,10 @@ def test_compiled_train_step_matches_train_step_and_refuses_another_layout(getke
         assert _bit_identical(ours, theirs)
         assert float(terms.total) == float(want_terms.total) and float(norm) == float(want_norm)
         assert not _bit_identical(ours.model, state.model)
+        # Another state of the same layout (another seed) reuses the compiled function.
+        reseeded = nd.init_train_state(dataclasses.replace(TINY, seed=TINY.seed + 1), (2,))
+        again = nd.CompiledTrainStep(reseeded, optimizer, **options, **extra)
+        assert again._jitted is compiled._jitted
     other = nd.init_train_state(
         dataclasses.replace(
             TINY, model=dataclasses.replace(TINY.model, width=TINY.model.width + 1)
