@@ -662,7 +662,6 @@ class BatchStream:
     """
 
     def __init__(self, array: np.ndarray, *, batch_size: int, seed: int, rows: slice | None = None):
-        self._dataset = batch_dataset(array, batch_size=batch_size, seed=seed, rows=rows)
         self._array = array
         self._batch_size = batch_size
         self._seed = seed
@@ -684,7 +683,10 @@ class BatchStream:
     def batch(self, index: int) -> np.ndarray:
         """Batch `index` (random access)."""
         if _grain_index_shuffle is None:
-            return self._dataset[index]
+            dataset = batch_dataset(
+                self._array, batch_size=self._batch_size, seed=self._seed, rows=self._rows
+            )
+            return dataset[index]
         return self._array[self._indices(index)]
 
     def __iter__(self) -> "BatchStream":

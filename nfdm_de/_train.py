@@ -331,13 +331,13 @@ def _arrays_step(layout: _StateLayout, optimizer, options: tuple):
     """`train_step` on the flat arrays of a state of `layout`, jitted."""
     step_fn = functools.partial(_train_step, optimizer=optimizer, **dict(options))
 
-    def step(arrays, batch, step, lr, source_batch, ema_step):
+    def on_arrays(arrays, batch, step, lr, source_batch, ema_step):
         new_state, breakdown, grad_norm = step_fn(
             layout.unflatten(arrays), batch, step, lr, source_batch=source_batch, ema_step=ema_step
         )
         return layout.flatten(new_state), breakdown, grad_norm
 
-    return jax.jit(step)
+    return jax.jit(on_arrays)
 
 
 # A second `train` in one process (another seed, a resumed run) reuses the compiled step.
