@@ -683,11 +683,16 @@ class BatchStream:
     def batch(self, index: int) -> np.ndarray:
         """Batch `index` (random access)."""
         if _grain_index_shuffle is None:
-            dataset = batch_dataset(
+            return self._fallback_dataset()[index]
+        return self._array[self._indices(index)]
+
+    def _fallback_dataset(self):
+        # Built once, on first use, and only when grain's shuffle module could not be imported.
+        if getattr(self, "_dataset", None) is None:
+            self._dataset = batch_dataset(
                 self._array, batch_size=self._batch_size, seed=self._seed, rows=self._rows
             )
-            return dataset[index]
-        return self._array[self._indices(index)]
+        return self._dataset
 
     def __iter__(self) -> "BatchStream":
         return self
