@@ -103,10 +103,11 @@ def test_bridge_loss_zero_diffusion_for_true_target_and_trains(getkey):
     predictor = nd.bridge_predictor(2, width=8, depth=1, key=getkey())
     model = nd.BridgeModel(bridge, predictor, nd.LearnedVolatility(key=getkey()), data_shape=(2,))
     x, c = jr.normal(getkey(), (8, 2)), 3 + jr.normal(getkey(), (8, 2))
-    value, terms = nd.bridge_loss(model, getkey(), x, c)
+    # Compiled, as training runs it: op by op, each small operation would compile on its own.
+    value, terms = eqx.filter_jit(nd.bridge_loss)(model, getkey(), x, c)
     assert jnp.isfinite(value) and terms.prior == 0
     assert terms.reconstruction == pytest.approx(nd.bridge_reconstruction_nll(model))
-    grads = eqx.filter_grad(lambda m: nd.bridge_loss(m, jr.key(0), x, c)[0])(model)
+    grads = eqx.filter_jit(eqx.filter_grad(lambda m: nd.bridge_loss(m, jr.key(0), x, c)[0]))(model)
     flat = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in flat)
     assert float(jnp.abs(grads.predictor.network.output.weight).max()) > 0

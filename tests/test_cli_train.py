@@ -175,6 +175,7 @@ def bad_files(tmp_path):
         (["--likelihood-bound-weight", "-1"], "`likelihood_bound_weight` must be a finite"),
         (["--input-octaves", "-1"], "`input_octaves` must be an integer in [0, 16]"),
         (["--data", "digits-images", "--likelihood-steps", "5"], "needs an NFDM on vector data"),
+        (["--data", "digits-images", "--forward", "neural-flow"], "neural-flow forward process"),
         (["--config", "{d}/none.toml"], "does not exist"),
         (["--forward-network-lr-scale", "-1"], "`forward_network_lr_scale` must be a finite"),
         (
@@ -251,13 +252,13 @@ def test_likelihood_phase_flags_and_nll_default(tmp_path):
     config = _tiny_toml(tmp_path / "c.toml", steps=6, save_every=3, log_every=3)
     args = ["train", "--config", str(config), "--run-dir", str(run_dir), "--json"]
     args += ["--likelihood-steps", "3", "--likelihood-lr", "5e-4", "--input-octaves", "2"]
-    args += ["--forward-anchor", "linear", "--likelihood-bound-weight", "0.1"]
+    args += ["--forward-anchor", "linear", "--likelihood-bound-weight", "0"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 9
     stored = json.loads((run_dir / "config.json").read_text())
     assert stored["likelihood_steps"] == 3 and stored["likelihood_lr"] == 5e-4
-    assert stored["likelihood_bound_weight"] == 0.1
+    assert stored["likelihood_bound_weight"] == 0.0
     assert stored["model"]["input_octaves"] == 2 and stored["model"]["forward_anchor"] == "linear"
     phases = [json.loads(line)["phase"] for line in (run_dir / "metrics.jsonl").open()]
     assert phases == ["simulation-free", "simulation-free", "likelihood"]

@@ -23,12 +23,18 @@ def _run(script, *args, cwd):
     return result.stdout
 
 
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+    """One run root for the two examples that share their runs (`straight_trajectories.py` loads
+    the NFDM-OT and linear runs `solver_ablation.py` trains, or trains them when they are not
+    there yet), as they do by default."""
+    return tmp_path_factory.mktemp("solver_ablation") / "runs"
+
+
 @pytest.mark.slow
-def test_solver_ablation_smoke(tmp_path):
+def test_solver_ablation_smoke(tmp_path, run_root):
     plot = tmp_path / "ablation.png"
-    out = _run(
-        "solver_ablation.py", "--run-root", str(tmp_path / "runs"), "--plot", str(plot), cwd=ROOT
-    )
+    out = _run("solver_ablation.py", "--run-root", str(run_root), "--plot", str(plot), cwd=ROOT)
     rows = [
         line
         for line in out.splitlines()
@@ -41,22 +47,15 @@ def test_solver_ablation_smoke(tmp_path):
         assert nfe >= 2 and abs(energy) < 10 and abs(mmd) < 10
     assert plot.stat().st_size > 1000
     # A second call loads the finished runs instead of training again.
-    again = _run(
-        "solver_ablation.py", "--run-root", str(tmp_path / "runs"), "--plot", str(plot), cwd=ROOT
-    )
+    again = _run("solver_ablation.py", "--run-root", str(run_root), "--plot", str(plot), cwd=ROOT)
     assert "loading nfdm-ot" in again and "training" not in again
 
 
 @pytest.mark.slow
-def test_straight_trajectories_smoke(tmp_path):
+def test_straight_trajectories_smoke(tmp_path, run_root):
     plot = tmp_path / "paths.png"
     out = _run(
-        "straight_trajectories.py",
-        "--run-root",
-        str(tmp_path / "runs"),
-        "--plot",
-        str(plot),
-        cwd=ROOT,
+        "straight_trajectories.py", "--run-root", str(run_root), "--plot", str(plot), cwd=ROOT
     )
     assert "nfdm-ot: excess path length" in out and "linear: excess path length" in out
     assert plot.stat().st_size > 1000

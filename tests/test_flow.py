@@ -5,6 +5,7 @@ import math
 
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import jax.random as jr
 import optax
@@ -14,9 +15,7 @@ from helpers import (
     FINITE_DIFFERENCE_TOL,
     IDENTITY_TOL,
     GenericPath,
-    forward_processes,
     max_abs,
-    perturb,
 )
 
 import nfdm_de as nd
@@ -24,9 +23,29 @@ import nfdm_de as nd
 INTERIOR_TIMES = jnp.array([0.013, 0.3, 0.5, 0.87])
 
 
+@eqx.filter_jit
+def _perturb(module, key, scale=0.3):
+    """`helpers.perturb` with one normal draw for all the parameters, compiled: drawing each
+    parameter shape separately costs a compilation per shape."""
+    params, static = eqx.partition(module, eqx.is_inexact_array)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    noise = jr.normal(key, flat.shape, flat.dtype)
+    return eqx.combine(unravel(flat + scale * noise), static)
+
+
+@pytest.fixture(scope="module")
+def flow():
+    """A perturbed flow of the conformance table's configuration (`helpers.forward_processes`),
+    built alone."""
+    k1, k2 = jr.split(jr.key(42))
+    return _perturb(
+        nd.neural_flow(DATA_SIZE, width=16, depth=1, num_layers=3, unroll=False, key=k1), k2
+    )
+
+
 def _flow_1d(key, scale=0.3):
     k1, k2 = jr.split(key)
-    return perturb(
+    return _perturb(
         nd.neural_flow(1, width=16, depth=1, num_layers=2, unroll=False, key=k1), k2, scale=scale
     )
 
@@ -49,8 +68,7 @@ def _generic_and_override(flow, z, ts, x):
     )
 
 
-def test_couplings_are_the_identity_bit_for_bit_at_both_ends(getkey):
-    flow = forward_processes(jr.key(42))["neural-flow"]
+def test_couplings_are_the_identity_bit_for_bit_at_both_ends(flow, getkey):
     x, eps = jr.normal(getkey(), (2, DATA_SIZE))
     for t in (0.0, 1.0):
         forward, inverse, log_det = _flow_part(flow, eps, t, x)
@@ -81,8 +99,7 @@ def test_starts_exactly_at_the_linear_interpolant(data_size, getkey):
             assert max_abs(mine, closed) < IDENTITY_TOL * (1 + float(jnp.max(jnp.abs(closed))))
 
 
-def test_shared_work_override_matches_the_generic_autodiff_path(getkey):
-    flow = forward_processes(jr.key(42))["neural-flow"]
+def test_shared_work_override_matches_the_generic_autodiff_path(flow, getkey):
     x, eps = jr.normal(getkey(), (2, DATA_SIZE))
     z = flow.transform(eps, 0.4, x)
     (v_generic, s_generic), (v_mine, s_mine) = _generic_and_override(flow, z, INTERIOR_TIMES, x)
@@ -90,23 +107,25 @@ def test_shared_work_override_matches_the_generic_autodiff_path(getkey):
         assert max_abs(mine, generic) < IDENTITY_TOL * (1 + float(jnp.max(jnp.abs(generic))))
 
 
-def test_unrolled_layer_loop_computes_the_same_process(getkey):
+def test_unrolled_layer_loop_computes_the_same_process(flow, getkey):
     # The default (`unroll=True`, used for speed) and the scan the other tests use are two
-    # schedules of the same computation.
-    key, perturb_key = getkey(), getkey()
-    unrolled, scanned = (
-        perturb(
-            nd.neural_flow(DATA_SIZE, width=16, depth=1, num_layers=2, unroll=u, key=key),
-            perturb_key,
-        )
-        for u in (True, False)
+    # schedules of the same computation: the same parameters with the loop unrolled.
+    scanned = flow
+    unrolled = nd.NeuralFlow(
+        scanned.anchor,
+        scanned.conditioners,
+        scanned.masks,
+        num_bins=scanned.num_bins,
+        bound=scanned.bound,
+        unroll=True,
     )
+    assert unrolled.unroll and not scanned.unroll and scanned.num_layers > 1
     x, eps = jr.normal(getkey(), (2, DATA_SIZE))
 
     @eqx.filter_jit
-    def fields(flow):
-        z = flow.transform(eps, 0.4, x)
-        return (z, *flow.velocity_and_score(z, 0.4, x))
+    def fields(process):
+        z = process.transform(eps, 0.4, x)
+        return (z, *process.velocity_and_score(z, 0.4, x))
 
     for a, b in zip(fields(unrolled), fields(scanned), strict=True):
         assert max_abs(a, b) < IDENTITY_TOL * (1 + float(jnp.max(jnp.abs(b))))
@@ -160,7 +179,7 @@ def test_marginal_is_genuinely_non_gaussian(getkey):
     # ...and no Gaussian fits it: the moment-matched Gaussian minimises KL(q || N) over all
     # Gaussians, and it is far from zero. Control: a perturbed NeuralGaussian gives ~0.
     assert kl > 1e-2
-    gaussian = perturb(nd.neural_gaussian(1, width=16, depth=1, key=getkey()), getkey())
+    gaussian = _perturb(nd.neural_gaussian(1, width=16, depth=1, key=getkey()), getkey())
     control = _quadrature_moments(gaussian.log_prob, t, x)
     assert abs(control[0] - 1.0) < 1e-5 and abs(control[5]) < 1e-6
     # Samples from F agree with the density's skewness and kurtosis (batch means over 20
@@ -188,8 +207,7 @@ class _OraclePredictor(eqx.Module):
         return self.x
 
 
-def test_loss_terms_for_the_true_predictor_and_the_prior(getkey):
-    flow = forward_processes(jr.key(7))["neural-flow"]
+def test_loss_terms_for_the_true_predictor_and_the_prior(flow, getkey):
     x = 2.0 * jr.normal(getkey(), (DATA_SIZE,))
     model = nd.NFDM(flow, _OraclePredictor(x), nd.ConstantVolatility(0.7), data_shape=(DATA_SIZE,))
     for t in (0.05, 0.5, 0.95):
@@ -249,8 +267,7 @@ def test_loss_trains_it_in_float32(getkey):
     assert max_abs(forward.transform(eps, 0.5, x), forward.anchor.transform(eps, 0.5, x)) > 0
 
 
-def test_bad_input_is_rejected_with_a_clear_message(getkey):
-    flow = forward_processes(jr.key(42))["neural-flow"]
+def test_bad_input_is_rejected_with_a_clear_message(flow, getkey):
     with pytest.raises(ValueError, match=r"vectors of shape \(3,\).*\(4,\)"):
         flow.transform(jnp.zeros(4), 0.5, jnp.zeros(4))
     with pytest.raises(ValueError, match=r"delta.*got"):

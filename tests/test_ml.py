@@ -12,18 +12,58 @@ import json
 import diffrax as dfx
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
 import pytest
 from gaussian_oracle import FORWARDS, gaussian_data, gaussian_log_prob, oracle_model
-from helpers import perturb
 from test_train import _bit_identical
 
 import nfdm_de as nd
 
 TIGHT = nd.LikelihoodSolve(tol=1e-10, max_steps=4096)
+
+# Compiled once per model structure, data shape and settings: the gradient checks below share
+# one compiled ODE NLL gradient of the `neural` model at TIGHT.
+_nll_grad = eqx.filter_jit(eqx.filter_grad(nd.ode_nll_loss))
+
+
+@jax.jit
+def _along(tree, direction):
+    """The inner product of a gradient with a direction, summed over the leaves."""
+    pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(direction), strict=True)
+    return sum(jnp.vdot(g, d) for g, d in pairs)
+
+
+@eqx.filter_jit
+def _nll_along(model, direction, h, x, settings):
+    """The ODE NLL at the parameters moved by `h` along `direction` (`h` traced: one compile)."""
+    moved = eqx.apply_updates(model, jax.tree.map(lambda d: h * d, direction))
+    return nd.ode_nll_loss(moved, x, settings)
+
+
+@eqx.filter_jit
+def _small_model_and_direction(key):
+    """A small NFDM on 2-D data with standard normal noise of scale 0.3 added to every parameter
+    (its zero-initialised output layers would hide terms), and a standard normal direction in
+    its parameter space. Compiled: a single draw each instead of one per parameter shape."""
+    model_key, noise_key, direction_key = jr.split(key, 3)
+    config = nd.ModelConfig(width=8, depth=1, forward_width=8, forward_depth=1)
+    params, static = eqx.partition(nd.build_model(config, (2,), model_key), eqx.is_inexact_array)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    moved = unravel(flat + 0.3 * jr.normal(noise_key, flat.shape, flat.dtype))
+    return eqx.combine(moved, static), unravel(jr.normal(direction_key, flat.shape, flat.dtype))
+
+
+@pytest.fixture(scope="module")
+def neural():
+    """The small NFDM, six points and a direction, shared by the gradient checks (and so is
+    their compiled code)."""
+    key, x_key = jr.split(jr.key(1))
+    model, direction = _small_model_and_direction(key)
+    return model, jr.normal(x_key, (6, 2)), direction
 
 
 @pytest.mark.parametrize("forward_name", ["linear", "vp"])
@@ -49,34 +89,18 @@ def test_ode_nll_gradient_matches_closed_form(getkey):
     model = oracle_model(forward, mean, cov)
     marginal_cov = np.asarray(cov + forward.delta**2 * jnp.eye(dim))
     x = jr.multivariate_normal(getkey(), mean + 0.3, marginal_cov, (16,))
-    grads = eqx.filter_grad(lambda m: nd.ode_nll_loss(m, x, TIGHT))(model)
+    grads = _nll_grad(model, x, TIGHT)
     expected = -np.linalg.solve(marginal_cov, np.asarray(x).mean(0) - np.asarray(mean))
     np.testing.assert_allclose(np.asarray(grads.predictor.mean), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_ode_nll_gradient_matches_finite_differences(getkey):
-    config = nd.ModelConfig(width=8, depth=1, forward_width=8, forward_depth=1)
-    model = perturb(nd.build_model(config, (2,), getkey()), getkey(), scale=0.3)
-    x = jr.normal(getkey(), (6, 2))
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    leaves, treedef = jax.tree.flatten(params)
-    direction = jax.tree.unflatten(
-        treedef,
-        [
-            jr.normal(k, leaf.shape)
-            for k, leaf in zip(jr.split(getkey(), len(leaves)), leaves, strict=True)
-        ],
-    )
+def test_ode_nll_gradient_matches_finite_differences(neural):
+    model, x, direction = neural
+    analytic = _along(_nll_grad(model, x, TIGHT), direction)
 
     def loss_along(h):
-        moved = jax.tree.map(lambda p, d: p + h * d, params, direction)
-        return nd.ode_nll_loss(eqx.combine(moved, static), x, TIGHT)
+        return _nll_along(model, direction, jnp.asarray(h), x, TIGHT)
 
-    grads = eqx.filter_grad(lambda p: nd.ode_nll_loss(eqx.combine(p, static), x, TIGHT))(params)
-    analytic = sum(
-        jnp.vdot(g, d)
-        for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
-    )
     # Central differences with Richardson extrapolation: O(h^4) truncation error.
     h = 1e-4
 
@@ -88,7 +112,17 @@ def test_ode_nll_gradient_matches_finite_differences(getkey):
     np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-5)
 
 
-def test_hutchinson_nll_and_gradient_are_unbiased(getkey):
+@eqx.filter_jit
+def _hutchinson_directional(model, x, settings, direction, keys):
+    """The ODE NLL gradient along `direction`, one Hutchinson solve per key."""
+
+    def one(key):
+        return _along(eqx.filter_grad(nd.ode_nll_loss)(model, x, settings, key=key), direction)
+
+    return jax.vmap(one)(keys)
+
+
+def test_hutchinson_nll_and_gradient_are_unbiased(neural, getkey):
     # One Rademacher probe per solve: over many keys, the NLL's mean matches the closed form and
     # the gradient's mean (along a random direction) the exact-trace gradient, each within 4
     # standard errors of the key-to-key spread, which is itself non-zero.
@@ -104,23 +138,9 @@ def test_hutchinson_nll_and_gradient_are_unbiased(getkey):
     stderr = errors.std(ddof=1) / np.sqrt(len(errors))
     assert stderr > 1e-3 and abs(errors.mean()) < 4 * stderr
 
-    config = nd.ModelConfig(width=8, depth=1, forward_width=8, forward_depth=1)
-    model = perturb(nd.build_model(config, (3,), getkey()), getkey(), scale=0.3)
-    x = jr.normal(getkey(), (4, 3))
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    direction = jax.tree.map(lambda p: jnp.sign(jnp.sin(1e3 * p)), params)
-
-    def directional(trace_settings, key):
-        grads = eqx.filter_grad(
-            lambda p: nd.ode_nll_loss(eqx.combine(p, static), x, trace_settings, key=key)
-        )(params)
-        return sum(
-            jnp.vdot(g, d)
-            for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
-        )
-
-    exact = float(directional(nd.LikelihoodSolve(tol=1e-8, max_steps=4096), None))
-    estimates = np.asarray(jax.vmap(lambda k: directional(settings, k))(keys[:32]))
+    model, x, direction = neural
+    exact = float(_along(_nll_grad(model, x, TIGHT), direction))
+    estimates = np.asarray(_hutchinson_directional(model, x, settings, direction, keys[:32]))
     stderr = estimates.std(ddof=1) / np.sqrt(len(estimates))
     assert stderr > 0 and abs(estimates.mean() - exact) < 4 * stderr
     with pytest.raises(ValueError, match="needs a `key`"):
@@ -155,6 +175,12 @@ PHASED = nd.TrainConfig(
     num_train=1024,
     save_every=5,
     log_every=5,
+)
+
+
+# The phase on 16-row batches with Hutchinson's trace: cheaper steps than PHASED's.
+SMALL_BATCHES = dataclasses.replace(
+    PHASED, likelihood_batch=16, likelihood_trace=nd.TraceChoice.HUTCHINSON
 )
 
 
@@ -226,30 +252,35 @@ def test_phase_objective_is_the_ode_nll_plus_the_weighted_bound():
             descent.init(eqx.filter(state.model, eqx.is_inexact_array)),
         )
 
-        def update(weight):
-            new, breakdown, _ = nd.train_step(
-                state,
-                batch,
-                jnp.asarray(3),
-                jnp.asarray(1e-2),
-                descent,
-                curvature_weight=0.0,
-                ema_decay=0.9,
-                num_levels=None,
-                time_power=3.0,
-                likelihood=solve,
-                bound_weight=weight,
-            )
-            moved = jax.tree.map(
-                lambda a, b: a - b,
-                eqx.filter(new.model, eqx.is_inexact_array),
-                eqx.filter(state.model, eqx.is_inexact_array),
-            )
-            return jnp.concatenate([jnp.ravel(m) for m in jax.tree.leaves(moved)]), breakdown
+        @eqx.filter_jit
+        def steps_and_gradient(state, batch):
+            # One compilation for the three steps and the gradient: they share most of their work.
+            def update(weight):
+                new, breakdown, _ = nd.train_step(
+                    state,
+                    batch,
+                    jnp.asarray(3),
+                    jnp.asarray(1e-2),
+                    descent,
+                    curvature_weight=0.0,
+                    ema_decay=0.9,
+                    num_levels=None,
+                    time_power=3.0,
+                    likelihood=solve,
+                    bound_weight=weight,
+                )
+                moved = jax.tree.map(
+                    lambda a, b: a - b,
+                    eqx.filter(new.model, eqx.is_inexact_array),
+                    eqx.filter(state.model, eqx.is_inexact_array),
+                )
+                return jnp.concatenate([jnp.ravel(m) for m in jax.tree.leaves(moved)]), breakdown
 
-        (zero, nll_only), (one, with_bound), (half, _) = update(0.0), update(1.0), update(0.5)
+            grads = eqx.filter_grad(nd.ode_nll_loss)(state.model, batch, solve, key=None)
+            return update(0.0), update(1.0), update(0.5), grads
+
+        (zero, nll_only), (one, with_bound), (half, _), grads = steps_and_gradient(state, batch)
         # w = 0 is the ODE NLL's own gradient step (exact trace: no key involved).
-        grads = eqx.filter_grad(lambda m: nd.ode_nll_loss(m, batch, solve, key=None))(state.model)
         nll_step = jnp.concatenate([-1e-2 * jnp.ravel(g) for g in jax.tree.leaves(grads)])
         np.testing.assert_allclose(zero, nll_step, rtol=0, atol=1e-12)
         assert jnp.max(jnp.abs(one - zero)) > 1e-6
@@ -259,13 +290,61 @@ def test_phase_objective_is_the_ode_nll_plus_the_weighted_bound():
         assert float(nll_only.diffusion) == 0 and float(with_bound.diffusion) > 0
 
 
-def test_phase_with_small_hutchinson_batches_resumes_bit_identically(phased_run, tmp_path):
-    small = dataclasses.replace(
-        PHASED, likelihood_batch=16, likelihood_trace=nd.TraceChoice.HUTCHINSON
+@pytest.mark.slow
+def test_phase_step_reaches_a_neural_flow():
+    # The phase differentiates the ODE NLL through a NeuralFlow's velocity and score (its
+    # splines, their inverse and their time derivative). One phase step of plain gradient
+    # descent on an NFDM with a two-layer coupling flow: its loss is the ODE NLL, its gradient is
+    # finite, the step's length is lr x the gradient's norm, and it moves the couplings' output
+    # layers (zero at initialisation). Slow: the step takes ~30 s to compile even at this size.
+    model_key, flow_key = jr.split(jr.key(2))
+    config = nd.ModelConfig(width=8, depth=1, forward_width=8, forward_depth=1)
+    base = nd.build_model(config, (2,), model_key)
+    flow = nd.neural_flow(2, width=8, depth=1, num_layers=2, unroll=False, key=flow_key)
+    model = nd.NFDM(flow, base.predictor, base.volatility, data_shape=(2,))
+    descent = optax.identity()  # the raw gradient: train_step applies -lr itself
+    state = nd.init_train_state(dataclasses.replace(PHASED, model=config), (2,))
+    state = eqx.tree_at(
+        lambda s: (s.model, s.ema_model, s.opt_state),
+        state,
+        (model, model, descent.init(eqx.filter(model, eqx.is_inexact_array))),
     )
-    nd.train(small, str(tmp_path / "straight"))
-    nd.train(small, str(tmp_path / "resumed"), stop_at=35)
-    nd.train(small, str(tmp_path / "resumed"), resume=True)
+    batch = jnp.asarray(nd.load_dataset("two-moons", split="train", num=16), jnp.float64)
+    solve = nd.LikelihoodSolve()
+
+    @eqx.filter_jit
+    def step(state, batch):
+        new, breakdown, grad_norm = nd.train_step(
+            state,
+            batch,
+            jnp.asarray(3),
+            jnp.asarray(1e-2),
+            descent,
+            curvature_weight=0.0,
+            ema_decay=0.9,
+            num_levels=None,
+            likelihood=solve,
+        )
+        return new.model, breakdown, grad_norm, nd.ode_nll_loss(state.model, batch, solve)
+
+    new, breakdown, grad_norm, nll = step(state, batch)
+    assert np.isfinite(float(nll))
+    assert float(breakdown.total) == pytest.approx(float(nll), rel=1e-12)
+    moved = jax.tree.map(
+        lambda a, b: np.asarray(a - b),
+        eqx.filter(new, eqx.is_inexact_array),
+        eqx.filter(model, eqx.is_inexact_array),
+    )
+    norm = np.sqrt(sum(np.sum(m**2) for m in jax.tree.leaves(moved)))
+    assert np.isfinite(float(grad_norm))
+    assert norm == pytest.approx(1e-2 * float(grad_norm), rel=1e-9)
+    assert np.max(np.abs(moved.forward.conditioners.output.weight)) > 0
+
+
+def test_phase_with_small_hutchinson_batches_resumes_bit_identically(phased_run, tmp_path):
+    nd.train(SMALL_BATCHES, str(tmp_path / "straight"))
+    nd.train(SMALL_BATCHES, str(tmp_path / "resumed"), stop_at=35)
+    nd.train(SMALL_BATCHES, str(tmp_path / "resumed"), resume=True)
     straight = nd.load_run(str(tmp_path / "straight"))
     resumed = nd.load_run(str(tmp_path / "resumed"))
     full = nd.load_run(str(phased_run))
@@ -348,8 +427,9 @@ def test_default_config_trains_with_a_phase_and_stores_it(phased_run, tmp_path):
 
 def test_phase_divergence_names_the_phase_and_keeps_the_last_good_checkpoint(tmp_path):
     # An absurd rate in the likelihood phase: the next solve blows up (or runs out of steps).
-    nd.train(dataclasses.replace(PHASED, likelihood_steps=0), str(tmp_path))
-    absurd = dataclasses.replace(PHASED, likelihood_steps=20, likelihood_lr=1e4)
+    # The phase of SMALL_BATCHES (compiled by the test that resumes it): a cheaper failing solve.
+    nd.train(dataclasses.replace(SMALL_BATCHES, likelihood_steps=0), str(tmp_path))
+    absurd = dataclasses.replace(SMALL_BATCHES, likelihood_steps=20, likelihood_lr=1e4)
     with pytest.raises(nd.TrainingDiverged, match="likelihood-lr"):
         nd.train(absurd, str(tmp_path), resume=True)
     assert nd.load_run(str(tmp_path)).step == 30  # the last good checkpoint is untouched

@@ -41,17 +41,25 @@ def _ode_point(model, z, t, s):
 def test_curvature_matches_a_finite_difference_of_v_along_the_ode_path(getkey):
     model = _curved_model(getkey())
     z = jr.normal(getkey(), (DATA_SIZE,))
+    # Each piece compiled once, with the times as arrays: a Python-float time is a static
+    # argument of Diffrax's solve, so every time would compile a solve of its own.
+    ode_point = eqx.filter_jit(_ode_point)
+    velocity = eqx.filter_jit(lambda model, z, t: model.velocity(z, t))
+    curvature = eqx.filter_jit(nd.curvature)
     for t in (0.2, 0.55, 0.9):
         h = 2e-5
-        after, before = _ode_point(model, z, t, t + h), _ode_point(model, z, t, t - h)
+        now, after, before = (jnp.asarray(s, z.dtype) for s in (t, t + h, t - h))
         # Central difference of s -> v(z(s), s) on the actual ODE solution: O(h^2) error.
-        dv = (model.velocity(after, t + h) - model.velocity(before, t - h)) / (2 * h)
+        dv = (
+            velocity(model, ode_point(model, z, now, after), after)
+            - velocity(model, ode_point(model, z, now, before), before)
+        ) / (2 * h)
         expected = float(jnp.sum(dv**2))
-        got = float(nd.curvature(model, z, t))
+        got = float(curvature(model, z, now))
         assert expected > 1e-3  # a genuinely curved field, so the check has teeth
         assert abs(got - expected) <= FD_TOL * max(1.0, expected)
         # Passing the already-known velocity gives the same value.
-        again = float(nd.curvature(model, z, t, model.velocity(z, t)))
+        again = float(curvature(model, z, now, velocity(model, z, now)))
         assert abs(again - got) <= 1e-10 * max(1.0, got)
 
 
@@ -59,10 +67,11 @@ def test_loss_breakdown_reports_the_weighted_curvature(getkey):
     model = _curved_model(getkey())
     x, eps = jr.normal(getkey(), (2, DATA_SIZE))
     t = 0.3
-    plain = nd.example_loss(model, x, t, eps)
-    weighted = nd.example_loss(model, x, t, eps, curvature_weight=2.5)
-    z = model.forward.transform(eps, t, x)
-    expected = float(nd.curvature(model, z, t))
+    example_loss = eqx.filter_jit(nd.example_loss)  # one compilation per weight, not per operation
+    plain = example_loss(model, x, t, eps)
+    weighted = example_loss(model, x, t, eps, curvature_weight=2.5)
+    z = eqx.filter_jit(model.forward.transform)(eps, t, x)
+    expected = float(eqx.filter_jit(nd.curvature)(model, z, t))
     assert float(plain.curvature) == 0.0  # not computed without a weight
     assert abs(float(weighted.curvature) - expected) <= 1e-8 * max(1.0, expected)
     assert abs(float(weighted.total - plain.total) - 2.5 * expected) <= 1e-8 * max(1.0, expected)
@@ -87,6 +96,7 @@ def _trained_curvatures():
     optimiser = nd.make_optimizer(config.optim)
     probe_z = jr.normal(jr.key(5), (256, 2))
     probe_t = jnp.linspace(0.05, 0.95, 256)
+    probe_curvatures = eqx.filter_jit(jax.vmap(nd.curvature, in_axes=(None, 0, 0)))
     out = {}
     for weight in (0.0, 3.0):
         state = nd.init_train_state(config, (2,))
@@ -103,9 +113,7 @@ def _trained_curvatures():
                 num_levels=None,
             )
         model = state.model
-        values = eqx.filter_jit(jax.vmap(nd.curvature, in_axes=(None, 0, 0)))(
-            model, probe_z, probe_t
-        )
+        values = probe_curvatures(model, probe_z, probe_t)
         out[weight] = (float(jnp.mean(values)), float(jnp.std(values) / jnp.sqrt(256)))
     return out
 
@@ -118,12 +126,15 @@ def test_training_with_the_curvature_penalty_lowers_the_curvature():
 
 
 def test_forward_network_size_settings(getkey):
+    # Built abstractly (every construction step traced, no initial values computed): the checks
+    # are on the layers' shapes.
+    build = functools.partial(eqx.filter_eval_shape, nd.build_model)
     default = nd.ModelConfig()
-    model = nd.build_model(default, (2,), getkey())
+    model = build(default, (2,), getkey())
     assert [layer.weight.shape for layer in model.forward.network.layers][1:] == [(48, 48)]
     assert len(model.predictor.network.layers) == default.depth == 3
     assert model.predictor.network.layers[-1].weight.shape == (128, 128)
-    same = nd.build_model(nd.ModelConfig(width=8, depth=1, forward_width=None), (2,), getkey())
+    same = build(nd.ModelConfig(width=8, depth=1, forward_width=None), (2,), getkey())
     assert [layer.weight.shape[0] for layer in same.forward.network.layers] == [8, 8]
     updated = nd.update_config(nd.TrainConfig(), {"forward_width": 32, "forward_depth": 1})
     assert (updated.model.forward_width, updated.model.forward_depth) == (32, 1)

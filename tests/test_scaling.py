@@ -210,7 +210,8 @@ def test_two_processes_resume_and_match_one_process(runs, tmp_path):
 def test_chunks_are_independent_solves(getkey):
     """`num_chunks` adaptive solves equal separate calls on each chunk (the oracle for "each
     device solves its own rows"): a joint solve would give chunk-dependent step sizes."""
-    model = nd.build_model(nd.ModelConfig(width=16, depth=1), (2,), getkey())
+    config = nd.ModelConfig(width=16, depth=1, forward_width=16, forward_depth=1)
+    model = nd.build_model(config, (2,), getkey())
     x = jax.random.normal(getkey(), (6, 2))
     chunked, stats = nd.log_likelihood(model, x, num_chunks=3, rtol=1e-4, atol=1e-4)
     parts = [nd.log_likelihood(model, x[i : i + 2], rtol=1e-4, atol=1e-4) for i in (0, 2, 4)]

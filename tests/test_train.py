@@ -1,11 +1,13 @@
 """Training: model construction, schedule, EMA, loss falls, exact resume, divergence."""
 
 import dataclasses
+import functools
 import json
 import math
 
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -44,11 +46,14 @@ def test_build_model_every_choice(forward, volatility, getkey):
         nd.ForwardChoice.NEURAL_FLOW,
     )
     config = nd.ModelConfig(forward=forward, volatility=volatility, width=8, depth=1)
+    # Built abstractly (every construction step traced, no initial values computed): the checks
+    # are on the model's type and structure, not its numbers.
+    build = functools.partial(eqx.filter_eval_shape, nd.build_model)
     if volatility is nd.VolatilityChoice.ZERO and learnable:
         with pytest.raises(ValueError, match="curvature"):
-            nd.build_model(config, (3,), getkey())
+            build(config, (3,), getkey())
         config = dataclasses.replace(config, curvature=0.5)
-    model = nd.build_model(config, (3,), getkey())
+    model = build(config, (3,), getkey())
     assert isinstance(model, nd.NFDM) and model.data_shape == (3,)
     assert model.is_deterministic == (volatility is nd.VolatilityChoice.ZERO)
 
@@ -108,20 +113,33 @@ def test_optimizer_is_clipped_adamw(getkey):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
+def _step_inputs(config):
+    """A fresh state of `config`, a batch and the step options, as `train` passes them (the state
+    replicated and the batch sharded over the data mesh, the run's time power): the steps the
+    tests below compile for TINY are the ones `train(TINY, ...)` compiles."""
+    mesh = nd.data_mesh()
+    state = nd.replicate(nd.init_train_state(config, (2,)), mesh)
+    batch = nd.shard_batch(nd.load_dataset("eight-gaussians", num=config.batch_size), mesh)
+    options = dict(
+        curvature_weight=0.0,
+        ema_decay=config.optim.ema_decay,
+        num_levels=None,
+        time_power=config.model.time_power,
+    )
+    return state, batch, options
+
+
 def test_step_ema(getkey):
     """After one step from initialisation the EMA is d * init + (1 - d) * new with the warmed-up
     decay d = min(ema_decay, (1 + 0) / (10 + 0)) = 0.1."""
-    state = nd.init_train_state(TINY, (2,))
-    batch = jnp.asarray(nd.load_dataset("eight-gaussians", num=TINY.batch_size))
+    state, batch, options = _step_inputs(TINY)
     new, breakdown, grad_norm = nd.train_step(
         state,
         batch,
         jnp.asarray(0),
         jnp.asarray(0.01, batch.dtype),
         nd.make_optimizer(TINY.optim),
-        curvature_weight=0.0,
-        ema_decay=TINY.optim.ema_decay,
-        num_levels=None,
+        **options,
     )
     assert np.isfinite(float(breakdown.total)) and float(grad_norm) > 0
     assert not _bit_identical(new.model, state.model)
@@ -136,11 +154,21 @@ def test_forward_network_lr_scale_scales_only_the_forward_network(getkey):
     forward process's network and identical everywhere else (its anchor weight included)."""
     model = nd.build_model(TINY.model, (2,), getkey())
     params = eqx.filter(model, eqx.is_inexact_array)
-    grads = jax.tree.map(lambda a: jax.random.normal(getkey(), a.shape, a.dtype), params)
+    # One random draw for every gradient leaf: a draw per leaf would compile one random-number
+    # kernel per parameter shape.
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    grads = unravel(jax.random.normal(getkey(), flat.shape, flat.dtype))
     full = nd.make_optimizer(TINY.optim)
     half = nd.make_optimizer(dataclasses.replace(TINY.optim, forward_network_lr_scale=0.5))
-    u_full, _ = full.update(grads, full.init(params), params)
-    u_half, _ = half.update(grads, half.init(params), params)
+
+    @jax.jit
+    def updates(grads, params):  # both first updates, compiled together
+        return (
+            full.update(grads, full.init(params), params)[0],
+            half.update(grads, half.init(params), params)[0],
+        )
+
+    u_full, u_half = updates(grads, params)
     network_full, network_half = _leaves(u_full.forward.network), _leaves(u_half.forward.network)
     assert network_full and all(float(jnp.max(jnp.abs(a))) > 0 for a in network_full)
     for a, b in zip(network_full, network_half, strict=True):
@@ -231,7 +259,7 @@ def test_load_run(straight_run):
     x = nd.load_dataset("eight-gaussians", split="train", num=512)
     np.testing.assert_allclose(run.transform.shift, x.mean(axis=0), rtol=1e-12)
     z = jnp.zeros(2)
-    assert run.model.velocity(z, 0.5).shape == (2,)
+    assert eqx.filter_jit(run.model.velocity)(z, 0.5).shape == (2,)
     assert not _bit_identical(run.model, run.raw_model)
     # The default mixed anchor's weight is a trained parameter (it started at exactly 0.5).
     forward = run.raw_model.forward
@@ -275,16 +303,22 @@ def test_extending_a_finished_constant_schedule_run_is_exact(tmp_path):
     assert _bit_identical(a.model, b.model) and _bit_identical(a.raw_model, b.raw_model)
 
 
+# The likelihood objective's check below runs on the linear forward process: its ODE solve
+# compiles in about half the time of the learnable process's, and `CompiledTrainStep` only
+# flattens and rebuilds the state around `train_step`, whatever the model.
+LINEAR_TINY = dataclasses.replace(
+    TINY, model=dataclasses.replace(TINY.model, forward=nd.ForwardChoice.LINEAR)
+)
+
+
 def test_compiled_train_step_matches_train_step_and_refuses_another_layout(getkey):
     """`CompiledTrainStep` (what `train` runs) computes exactly `train_step`, for the
     simulation-free and the likelihood objective, and names a state of another layout."""
-    state = nd.init_train_state(TINY, (2,))
-    batch = jnp.asarray(nd.load_dataset("eight-gaussians", num=TINY.batch_size))
     optimizer = nd.make_optimizer(TINY.optim)
-    options = dict(curvature_weight=0.0, ema_decay=TINY.optim.ema_decay, num_levels=None)
-    likelihood = nd.LikelihoodSolve(tol=1e-3)
-    lr = jnp.asarray(0.01, batch.dtype)
-    for extra in ({}, {"likelihood": likelihood, "bound_weight": 0.5}):
+    likelihood = {"likelihood": nd.LikelihoodSolve(tol=1e-3), "bound_weight": 0.5}
+    for config, extra in ((TINY, {}), (LINEAR_TINY, likelihood)):
+        state, batch, options = _step_inputs(config)
+        lr = jnp.asarray(0.01, batch.dtype)
         compiled = nd.CompiledTrainStep(state, optimizer, **options, **extra)
         ours, theirs = state, state
         for step in range(2):
@@ -296,7 +330,7 @@ def test_compiled_train_step_matches_train_step_and_refuses_another_layout(getke
         assert float(terms.total) == float(want_terms.total) and float(norm) == float(want_norm)
         assert not _bit_identical(ours.model, state.model)
         # Another state of the same layout (another seed) reuses the compiled function.
-        reseeded = nd.init_train_state(dataclasses.replace(TINY, seed=TINY.seed + 1), (2,))
+        reseeded = nd.init_train_state(dataclasses.replace(config, seed=config.seed + 1), (2,))
         again = nd.CompiledTrainStep(reseeded, optimizer, **options, **extra)
         assert again._jitted is compiled._jitted
     other = nd.init_train_state(
