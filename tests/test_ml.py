@@ -256,18 +256,8 @@ def test_phase_objective_is_the_ode_nll_plus_the_weighted_bound():
         def steps_and_gradient(state, batch):
             # One compilation for the three steps and the gradient: they share most of their work.
             def update(weight):
-                new, breakdown, _ = nd.train_step(
-                    state,
-                    batch,
-                    jnp.asarray(3),
-                    jnp.asarray(1e-2),
-                    descent,
-                    curvature_weight=0.0,
-                    ema_decay=0.9,
-                    num_levels=None,
-                    time_power=3.0,
-                    likelihood=solve,
-                    bound_weight=weight,
+                new, breakdown, _ = _descent_phase_step(
+                    state, batch, descent, solve, time_power=3.0, bound_weight=weight
                 )
                 moved = jax.tree.map(
                     lambda a, b: a - b,
@@ -288,6 +278,22 @@ def test_phase_objective_is_the_ode_nll_plus_the_weighted_bound():
         # Both report the same ODE NLL; only the weighted one reports the bound's terms.
         assert float(nll_only.total) == pytest.approx(float(with_bound.total), rel=1e-12)
         assert float(nll_only.diffusion) == 0 and float(with_bound.diffusion) > 0
+
+
+def _descent_phase_step(state, batch, descent, solve, **options):
+    """One likelihood-phase `train_step` on continuous data: step 3, learning rate 1e-2."""
+    return nd.train_step(
+        state,
+        batch,
+        jnp.asarray(3),
+        jnp.asarray(1e-2),
+        descent,
+        curvature_weight=0.0,
+        ema_decay=0.9,
+        num_levels=None,
+        likelihood=solve,
+        **options,
+    )
 
 
 @pytest.mark.slow
@@ -314,17 +320,7 @@ def test_phase_step_reaches_a_neural_flow():
 
     @eqx.filter_jit
     def step(state, batch):
-        new, breakdown, grad_norm = nd.train_step(
-            state,
-            batch,
-            jnp.asarray(3),
-            jnp.asarray(1e-2),
-            descent,
-            curvature_weight=0.0,
-            ema_decay=0.9,
-            num_levels=None,
-            likelihood=solve,
-        )
+        new, breakdown, grad_norm = _descent_phase_step(state, batch, descent, solve)
         return new.model, breakdown, grad_norm, nd.ode_nll_loss(state.model, batch, solve)
 
     new, breakdown, grad_norm, nll = step(state, batch)
