@@ -3,10 +3,11 @@
 import json
 import math
 import os
-import tempfile
 from typing import Annotated
 
 import typer
+
+from cli._errors import describe
 
 ODE_SOLVER_NAMES = ("euler", "heun", "midpoint", "ralston", "bosh3", "tsit5", "dopri5", "dopri8")
 SDE_SOLVER_NAMES = ("euler", "euler-maruyama", "heun", "sra1", "shark", "sea")
@@ -22,6 +23,22 @@ def check_chunks(chunks: int | None) -> None:
     """--chunks is a positive count when given (the device-multiple check needs the mesh)."""
     if chunks is not None and chunks < 1:
         raise ValueError(f"--chunks must be a positive integer; got {chunks}.")
+
+
+def check_seed(seed: int) -> None:
+    """--seed fits a PRNG key: an integer in [0, 2**63)."""
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"--seed must be an integer in [0, 2**63); got {seed}.")
+
+
+def warn_skipped(run) -> None:
+    """A line on stderr for each newer checkpoint `load_run` could not read and skipped."""
+    for path, reason in run.skipped:
+        typer.echo(
+            f"warning: skipped unreadable checkpoint {path!r} ({reason}); using "
+            f"{run.path!r} (step {run.step}).",
+            err=True,
+        )
 
 
 def solver_from_name(name: str, *, sde: bool):
@@ -51,9 +68,9 @@ def solver_from_name(name: str, *, sde: bool):
 
 def fail(error: Exception) -> None:
     """One line on stderr, exit code 1, no traceback."""
-    message = " ".join(str(error).split())
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=1)
+    from cli._errors import fail as fail_with
+
+    fail_with(describe(error, memory_hint="the batch size"))
 
 
 def json_number(value):
@@ -69,16 +86,10 @@ def print_json(summary: dict) -> None:
 
 
 def atomic_save(path: str, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never leaves a
-    half-written file where a good one was."""
+    """Write a file atomically to exactly `path` (whatever its extension): `write` receives a
+    binary file object. A crash never leaves a half-written file where a good one was."""
+    from nfdm_de._files import atomic_write
+
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, write)

@@ -2,6 +2,7 @@
 
 import typer
 
+from cli._errors import one_line_errors
 from cli.nll import nll as _nll
 from cli.sample import sample as _sample
 from cli.train import train as _train
@@ -20,9 +21,13 @@ def main() -> None:
     """Neural Flow Diffusion Models in JAX."""
 
 
-app.command(name="train")(_train)
-app.command(name="sample")(_sample)
-app.command(name="nll")(_nll)
+# Every failure of a command ends as one `error: ...` line (cli/_errors.py); out of memory
+# names the options that lower it.
+app.command(name="train")(
+    one_line_errors(_train, memory_hint="--batch-size, --width/--depth or --likelihood-batch")
+)
+app.command(name="sample")(one_line_errors(_sample, memory_hint="--num or raise --chunks"))
+app.command(name="nll")(one_line_errors(_nll, memory_hint="--batch-size or raise --chunks"))
 
 
 @app.command()

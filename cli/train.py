@@ -266,6 +266,11 @@ def train(
         nd.initialize_distributed(coordinator, num_processes, process_id)
         settings = _read_toml(config) if config is not None else {}
         toml_run_dir = settings.pop("run_dir", None)
+        if toml_run_dir is not None and not (isinstance(toml_run_dir, str) and toml_run_dir):
+            raise ValueError(
+                f"config file {str(config)!r}: run_dir must be a path (a string); got "
+                f"{toml_run_dir!r}."
+            )
         settings.update({k: v for k, v in flags.items() if v is not None})
         directory = run_dir if run_dir is not None else toml_run_dir
         base = nd.TrainConfig()

@@ -116,6 +116,7 @@ from ._nn import (
     TimeConditionedMLP as TimeConditionedMLP,
     mlp_predictor as mlp_predictor,
 )
+from ._run_dir import read_run_config as read_run_config
 from ._sample import sample as sample, sample_trajectories as sample_trajectories
 from ._sharding import (
     data_mesh as data_mesh,
@@ -142,7 +143,6 @@ from ._train import (
     learning_rate_schedule as learning_rate_schedule,
     load_run as load_run,
     make_optimizer as make_optimizer,
-    read_run_config as read_run_config,
     run_schedule as run_schedule,
     train as train,
     train_step as train_step,

@@ -6,11 +6,10 @@ File layout (`step_00001000.eqx`):
      "payload_bytes": N, "payload_sha256": ..., ...caller's fields...}\\n
     <N bytes: the leaves of the saved pytree, in tree order>
 
-Writes are atomic: the file is written under a temporary name in the same directory, flushed and
-fsync'ed, then `os.replace`d into place (and the directory fsync'ed), so a reader (or a process
-resumed after SIGKILL) sees either the previous set of checkpoints or the new complete one, never
-a half-written file. Only the last `keep` checkpoints are kept. Loading rebuilds the pytree into a
-skeleton (typically from `eqx.filter_eval_shape`) and checks every leaf's shape and dtype.
+Writes are atomic (`_files.atomic_write`), so a reader (or a process resumed after SIGKILL) sees
+either the previous set of checkpoints or the new complete one, never a half-written file. Only
+the last `keep` checkpoints are kept. Loading rebuilds the pytree into a skeleton (typically from
+`eqx.filter_eval_shape`) and checks every leaf's shape and dtype.
 """
 
 import hashlib
@@ -18,7 +17,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from typing import Any
 
 import equinox as eqx
@@ -26,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+
+from ._files import atomic_write_bytes
 
 FORMAT = "nfdm-de-checkpoint"
 FORMAT_VERSION = 1
@@ -43,15 +43,16 @@ def checkpoint_path(directory: str, step: int) -> str:
 
 
 def list_checkpoints(directory: str) -> list[tuple[int, str]]:
-    """(step, path) of the complete checkpoints in `directory`, oldest first (temporary files of
-    interrupted writes are ignored)."""
+    """(step, path) of the checkpoints in `directory`, oldest first: regular files named
+    `step_XXXXXXXX.eqx` (temporary files of interrupted writes, links and directories are
+    ignored, so retention never deletes anything else)."""
     if not os.path.isdir(directory):
         return []
     found = []
-    for name in os.listdir(directory):
-        match = _NAME.match(name)
-        if match:
-            found.append((int(match.group(1)), os.path.join(directory, name)))
+    for entry in os.scandir(directory):
+        match = _NAME.match(entry.name)
+        if match and entry.is_file(follow_symlinks=False):
+            found.append((int(match.group(1)), entry.path))
     return sorted(found)
 
 
@@ -60,42 +61,13 @@ def latest_checkpoint(directory: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on every platform; the rename itself is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either absent/old or complete, never partial."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_directory(directory)
-
-
 def save_checkpoint(
-    directory: str, step: int, tree: Any, header: dict[str, Any], *, keep: int = 3
+    directory: str, step: int, tree: Any, header: dict[str, Any], *, keep: int | None = 3
 ) -> str:
     """Atomically write `tree` (arrays and Python scalars as leaves) with a JSON `header` as
-    `step_XXXXXXXX.eqx` in `directory`, then delete all but the newest `keep` checkpoints."""
-    if keep < 1:
+    `step_XXXXXXXX.eqx` in `directory`, then delete all but the newest `keep` checkpoints
+    (None: delete none)."""
+    if keep is not None and keep < 1:
         raise ValueError(f"`keep` must be >= 1; got {keep}.")
     os.makedirs(directory, exist_ok=True)
     buffer = io.BytesIO()
@@ -113,7 +85,7 @@ def save_checkpoint(
     head = json.dumps(full_header, sort_keys=True).encode() + b"\n"
     path = checkpoint_path(directory, step)
     atomic_write_bytes(path, head + payload)
-    for _, old in list_checkpoints(directory)[:-keep]:
+    for _, old in list_checkpoints(directory)[:-keep] if keep is not None else []:
         try:
             os.unlink(old)
         except FileNotFoundError:
@@ -145,7 +117,30 @@ def read_header(path: str) -> dict[str, Any]:
             f"checkpoint {path!r} was written by nfdm-de {written}, which is incompatible with "
             f"the installed nfdm-de {ours} (major.minor versions differ)."
         )
+    _check_core_fields(path, header)
     return header
+
+
+def _check_core_fields(path: str, header: dict[str, Any]) -> None:
+    step, size, digest = (
+        header.get("step"),
+        header.get("payload_bytes"),
+        header.get("payload_sha256"),
+    )
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise ValueError(
+            f"checkpoint {path!r}: header field 'step' is {step!r}, not an integer >= 0."
+        )
+    match = _NAME.match(os.path.basename(path))
+    if match and int(match.group(1)) != step:
+        raise ValueError(
+            f"checkpoint {path!r}: its header says step {step}, its file name step "
+            f"{int(match.group(1))}."
+        )
+    if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+        raise ValueError(f"checkpoint {path!r}: header field 'payload_bytes' is {size!r}.")
+    if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise ValueError(f"checkpoint {path!r}: header field 'payload_sha256' is {digest!r}.")
 
 
 def _major_minor(version: str) -> tuple[str, ...]:

@@ -283,8 +283,12 @@ class TrainConfig:
         _check_positive_int("save_every", self.save_every)
         _check_positive_int("keep", self.keep)
         _check_positive_int("log_every", self.log_every)
-        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0):
-            raise ValueError(f"`seed` must be an integer >= 0; got {self.seed!r}.")
+        if not (
+            isinstance(self.seed, int)
+            and not isinstance(self.seed, bool)
+            and 0 <= self.seed < 2**63
+        ):
+            raise ValueError(f"`seed` must be an integer in [0, 2**63); got {self.seed!r}.")
         if self.likelihood_steps is not None and not (
             isinstance(self.likelihood_steps, int)
             and not isinstance(self.likelihood_steps, bool)
@@ -366,7 +370,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Inverse of `to_dict`; unknown keys are an error."""
+        """Inverse of `to_dict`; unknown keys and values of the wrong type are errors."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object of settings; got {d!r:.60}.")
         d = dict(d)
         model_dict = d.pop("model", {})
         if isinstance(model_dict, dict) and model_dict and "forward_width" not in model_dict:

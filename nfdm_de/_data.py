@@ -24,6 +24,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import Key, Scalar
+from ._files import check_numpy_file
 
 try:  # The permutation grain's `shuffle` applies, one index at a time (a C++ function).
     from grain._src.python.experimental.index_shuffle.python import (
@@ -474,6 +475,7 @@ def _load_array_file(path: str) -> np.ndarray:
         raise ValueError(f"data file {path!r} must be a .npy or .npz file.")
     if not os.path.isfile(path):
         raise ValueError(f"data file {path!r} does not exist.")
+    check_numpy_file(path, "data file")
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as error:  # numpy raises ValueError, OSError, BadZipFile, EOFError, ...

@@ -21,13 +21,14 @@ import gzip
 import math
 import os
 import re
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 from jaxtyping import Integer, UInt8
+
+from ._files import atomic_write, check_numpy_file
 
 _CIFAR_SIDE = 32
 _CIFAR_RECORD = 1 + 3 * _CIFAR_SIDE * _CIFAR_SIDE
@@ -230,6 +231,7 @@ def read_cifar10(directory: str | os.PathLike, split: str = "train") -> ImageDat
 
 
 def _load_npz_or_npy(path: Path):
+    check_numpy_file(os.fspath(path), "image file")
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as error:
@@ -430,12 +432,29 @@ def save_image_grid(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        fig.savefig(temporary, format="png", dpi=dpi)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    save_figure(fig, os.fspath(path), dpi=dpi)
     return path
+
+
+# Formats every matplotlib installation writes (the Agg and vector backends).
+FIGURE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")
+
+
+def figure_format(path: str) -> str:
+    """The image format named by `path`'s extension (png when it has none), or a ValueError."""
+    extension = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    if not extension:
+        return "png"
+    if extension not in FIGURE_FORMATS:
+        raise ValueError(
+            f"cannot write a figure as {os.fspath(path)!r}: unknown image format {extension!r}; "
+            f"use one of {', '.join('.' + f for f in FIGURE_FORMATS)}."
+        )
+    return extension
+
+
+def save_figure(fig, path: str, *, dpi: int = 120) -> None:
+    """Write the matplotlib figure `fig` atomically to exactly `path`, in the format its
+    extension names (`figure_format`)."""
+    fmt = figure_format(path)
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))

@@ -1,10 +1,6 @@
-"""Training: optimiser, EMA, the jitted train step, the loop, run directories and `load_run`.
+"""Training: optimiser, EMA, the jitted train step, the loop and `load_run`.
 
-A run directory holds
-
-    config.json        the resolved `TrainConfig` (JSON)
-    metrics.jsonl      one JSON object per logged interval (loss terms, lr, grad norm, steps/s)
-    checkpoints/       step_XXXXXXXX.eqx, the last `keep` of them (see `_checkpoint`)
+The run directory (config, metrics, checkpoints) is a `RunDirectory` (see `_run_dir`).
 
 Exact resume: the randomness of step s is `fold_in(key, s)` and batch s is a pure function of
 (data, seed, s) (a grain `MapDataset`), so a run resumed from a checkpoint at step s computes
@@ -18,10 +14,8 @@ loss trajectory (to float rounding of the cross-device sums).
 
 import dataclasses
 import functools
-import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -35,14 +29,7 @@ import optax
 from jaxtyping import Array, ArrayLike, Float, UInt
 
 from ._bridge import BridgeModel, bridge_loss, build_bridge_model
-from ._checkpoint import (
-    atomic_write_bytes,
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    read_header,
-    save_checkpoint,
-)
+from ._checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, read_header
 from ._config import (
     OptimConfig,
     ScheduleChoice,
@@ -50,7 +37,6 @@ from ._config import (
     TrainConfig,
     build_model,
     check_model_config,
-    config_differences,
     resolve_likelihood_phase,
 )
 from ._data import (
@@ -66,6 +52,14 @@ from ._data import (
 from ._loss import LossBreakdown, loss
 from ._ml import LikelihoodSolve, ode_nll_loss
 from ._model import NFDM
+from ._run_dir import (
+    CHECKPOINT_DIR,
+    RunDirectory,
+    check_compatible,
+    check_header,
+    check_run_directory,
+    newest_readable,
+)
 from ._sharding import (
     barrier,
     data_mesh,
@@ -77,10 +71,6 @@ from ._sharding import (
 )
 from ._terms import ExactTrace, Hutchinson
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-
 
 class TrainingDiverged(ValueError):
     """The loss became non-finite; the last good checkpoint is kept."""
@@ -91,12 +81,19 @@ class TrainingDiverged(ValueError):
 
 def learning_rate_schedule(config: OptimConfig, steps: int) -> Callable[[int], float]:
     """step -> learning rate: linear warm-up from 0 to `lr` over `warmup` steps, then a cosine
-    decay reaching `final_lr_fraction * lr` at `steps` (or a constant rate).
+    decay reaching `final_lr_fraction * lr` at `steps` (or a constant rate). A cosine run
+    shorter than its warm-up ends the warm-up at `steps - 1`; a constant rate does not depend on
+    `steps`, so a run extended by `resume` equals one trained to the new length straight away.
 
     Computed on the host in plain Python and fed to the jitted step as a number, so the compiled
     step does not depend on the run length (resuming with more steps does not recompile).
     """
-    warmup = min(config.warmup, max(steps - 1, 0))
+    # A cosine decay is shaped by the run's length, so a short run ends its warm-up early to
+    # decay at all; a constant rate is not, so that resuming with more steps extends it exactly.
+    if config.schedule is ScheduleChoice.CONSTANT:
+        warmup = config.warmup
+    else:
+        warmup = min(config.warmup, max(steps - 1, 0))
     peak, end = config.lr, config.lr * config.final_lr_fraction
 
     def schedule(step: int) -> float:
@@ -432,6 +429,8 @@ class LoadedRun:
     # Bridges: the source's data -> model transform (None for an NFDM); the source is
     # `config.source`.
     source_transform: AffineDataTransform | None = None
+    # (path, reason) of each newer checkpoint that could not be read and was skipped.
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 def _cast_floats(tree, dtype):
@@ -452,77 +451,47 @@ def _state_skeleton(config: TrainConfig, header: dict[str, Any]) -> TrainState:
     return jax.tree.map(retype, skeleton)
 
 
+def _load_training_checkpoint(path: str) -> tuple[dict[str, Any], TrainConfig, TrainState]:
+    """(header, stored config, state) of a checkpoint written by `train`, every header field
+    checked before anything is built from it."""
+    header = read_header(path)
+    config = check_header(path, header)
+    _, state = load_checkpoint(path, _state_skeleton(config, header))
+    return header, config, state
+
+
 def load_run(run_dir: str) -> LoadedRun:
-    """Load the latest checkpoint of the run in `run_dir` (EMA weights as `.model`)."""
+    """Load the newest readable checkpoint of the run in `run_dir` (EMA weights as `.model`).
+
+    A newer checkpoint that cannot be read (empty, truncated, tampered) is skipped and named in
+    `LoadedRun.skipped`; when none can be read the error names the newest and why."""
     run_dir = os.fspath(run_dir)
-    path = latest_checkpoint(os.path.join(run_dir, CHECKPOINT_DIR))
-    if path is None:
+    directory = os.path.join(run_dir, CHECKPOINT_DIR)
+    loaded, skipped = newest_readable(directory, _load_training_checkpoint)
+    if loaded is None:
+        if skipped:
+            path, reason = skipped[0]
+            raise ValueError(
+                f"no checkpoint of {run_dir!r} can be read; the newest, {path!r}: {reason}"
+            )
         raise ValueError(
             f"{run_dir!r} holds no nfdm-de checkpoint (expected {CHECKPOINT_DIR}/step_*.eqx); "
             "train one with `nfdm-de train --run-dir ...`."
         )
-    header = read_header(path)
-    config = TrainConfig.from_dict(header["config"])
-    _, state = load_checkpoint(path, _state_skeleton(config, header))
+    header, config, state = loaded
     dtype = jnp.result_type(float)
     return LoadedRun(
         model=_cast_floats(state.ema_model, dtype),
         config=config,
         transform=_cast_floats(state.transform, dtype),
         dataset=config.data,
-        num_levels=header.get("num_levels"),
-        step=int(header["step"]),
-        path=path,
+        num_levels=header["num_levels"],
+        step=header["step"],
+        path=checkpoint_path(directory, header["step"]),
         raw_model=_cast_floats(state.model, dtype),
         source_transform=_cast_floats(state.source_transform, dtype),
+        skipped=tuple(skipped),
     )
-
-
-def read_run_config(run_dir: str) -> TrainConfig | None:
-    """The resolved config stored in `run_dir`, or None when there is none."""
-    path = os.path.join(run_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return TrainConfig.from_dict(json.load(f))
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read the run config {path!r}: {error}") from None
-
-
-def _check_run_directory(run_dir: str, config: TrainConfig, resume: bool) -> None:
-    """Refuse to overwrite anything: a non-empty directory needs `resume`, and then must hold a
-    run whose config matches in every non-resumable field."""
-    if not os.path.exists(run_dir):
-        return
-    if not os.path.isdir(run_dir):
-        raise ValueError(f"run directory {run_dir!r} exists and is not a directory.")
-    if not os.listdir(run_dir):
-        return
-    stored = read_run_config(run_dir)
-    if not resume:
-        what = "a run" if stored is not None else "other files"
-        raise ValueError(
-            f"run directory {run_dir!r} already holds {what}; pass --resume to continue it or "
-            "choose a new --run-dir."
-        )
-    if stored is None:
-        raise ValueError(
-            f"cannot resume: {run_dir!r} is not empty and holds no nfdm-de run ({CONFIG_FILE})."
-        )
-    _check_compatible(stored, config, f"the run in {run_dir!r}")
-
-
-def _check_compatible(stored: TrainConfig, given: TrainConfig, what: str) -> None:
-    differences = [
-        d
-        for d in config_differences(stored, given)
-        if d.split(":")[0] not in TrainConfig.RESUMABLE_FIELDS
-    ]
-    if differences:
-        raise ValueError(
-            f"cannot resume {what} with a different configuration: " + "; ".join(differences)
-        )
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -584,19 +553,177 @@ def _tree_is_finite(tree) -> bool:
     return all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in leaves)
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop metrics of work lost after the checkpoint we resume from (atomic rewrite)."""
-    if not os.path.isfile(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line from a killed process
-    atomic_write_bytes(path, "".join(kept).encode())
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """A run's training data (in the data's units), validated before anything is written."""
+
+    train: np.ndarray
+    source: np.ndarray | None
+    num_levels: int | None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.train.shape[1:])
+
+
+def _with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    if is_file_reference(config.data):
+        config = dataclasses.replace(config, data=os.path.abspath(config.data))
+    if config.source is not None and is_file_reference(config.source):
+        config = dataclasses.replace(config, source=os.path.abspath(config.source))
+    return config
+
+
+def _load_data(config: TrainConfig) -> _Data:
+    finite = is_file_reference(config.data) or config.data in ("digits", *IMAGE_DATASETS)
+    num = None if finite else config.num_train
+    data = load_dataset(config.data, split="train", num=num, seed=config.seed)
+    num_levels = dataset_num_levels(config.data)
+    source_data = None
+    if config.source is not None:
+        source_num = None if is_file_reference(config.source) else config.num_train
+        # The source's own random stream (seed + 1), independent of the target's.
+        source_data = load_dataset(
+            config.source, split="train", num=source_num, seed=config.seed + 1
+        )
+        if source_data.shape[1:] != data.shape[1:]:
+            raise ValueError(
+                f"the source {config.source!r} has examples of shape {source_data.shape[1:]} but "
+                f"the target {config.data!r} has {data.shape[1:]}; a bridge needs one dimension."
+            )
+        if num_levels is not None or dataset_num_levels(config.source) is not None:
+            raise ValueError("bridges support continuous data only (no integer-valued sets).")
+    return _Data(data, source_data, num_levels)
+
+
+def _resolve_for_data(config: TrainConfig, data: _Data) -> TrainConfig:
+    config = resolve_likelihood_phase(config, data.shape, discrete=data.num_levels is not None)
+    if config.likelihood_steps > 0 and (config.source is not None or len(data.shape) != 1):
+        raise ValueError(
+            "the likelihood phase (likelihood_steps > 0) needs an NFDM on vector data: its exact "
+            f"trace costs D network evaluations per ODE step; got data of shape {data.shape}"
+            + (" and a bridge (--source)." if config.source is not None else ".")
+        )
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Start:
+    """Where a call of `train` starts: a fresh state at step 0 or a restored checkpoint."""
+
+    state: TrainState
+    step: int
+    loss: float
+    iterator_state: dict | None = None
+    source_iterator_state: dict | None = None
+    checkpoint: str | None = None
+
+
+def _initialise(config: TrainConfig, data: _Data) -> _Start:
+    transform = fit_transform(config.data, data.train)
+    source_transform = None
+    if data.source is not None:
+        source_transform = fit_transform(config.source, data.source)
+    state = init_train_state(config, data.shape, transform, source_transform)
+    return _Start(state, 0, math.nan)
+
+
+def _restore(run: RunDirectory, config: TrainConfig) -> _Start | None:
+    """The newest checkpoint of `run`, checked against `config`; None when there is none. A
+    newest checkpoint that cannot be read is an error naming it and the newest readable one."""
+    latest = latest_checkpoint(run.checkpoints)
+    if latest is None:
+        return None
+    loaded, skipped = newest_readable(run.checkpoints, _load_training_checkpoint)
+    if skipped:
+        newest, reason = skipped[0]
+        if loaded is None:
+            older = "no older checkpoint can be read either"
+        else:
+            found = checkpoint_path(run.checkpoints, loaded[0]["step"])
+            older = f"move it out of {run.checkpoints!r} to resume from {found!r}"
+        raise ValueError(f"cannot resume: the newest checkpoint {newest!r}: {reason}; {older}.")
+    assert loaded is not None
+    header, stored, state = loaded
+    check_compatible(stored, config, f"checkpoint {latest!r}")
+    dtype = jnp.result_type(float)
+    if jnp.dtype(header["dtype"]) != dtype:
+        raise ValueError(
+            f"checkpoint {latest!r} was trained in {header['dtype']}, but this process "
+            f"computes in {dtype}; resume in the same precision."
+        )
+    step = header["step"]
+    if step > config.total_steps:
+        raise ValueError(
+            f"cannot resume {run.path!r} to step {config.total_steps}: its checkpoint is already "
+            f"at step {step} (--steps {stored.steps}, --likelihood-steps "
+            f"{stored.likelihood_steps}); give at least as many steps."
+        )
+    if step > stored.steps and config.steps != stored.steps:
+        raise ValueError(
+            f"cannot change --steps ({stored.steps} -> {config.steps}) of {run.path!r}: its "
+            f"likelihood phase has begun (checkpoint at step {step})."
+        )
+    return _Start(
+        state,
+        step,
+        float(header["loss"]),
+        header["data_iterator"],
+        header.get("source_iterator"),
+        latest,
+    )
+
+
+def _plan(config: TrainConfig, data: _Data, end: int, run_dir: str) -> str:
+    phase_plan = ""
+    if config.likelihood_steps > 0:
+        # Say so up front: the phase's steps cost far more than the first phase's.
+        phase_plan = (
+            f" ({config.steps} simulation-free, then {config.likelihood_steps} likelihood-phase "
+            f"steps with the {config.likelihood_trace.value} trace; --likelihood-steps 0 skips "
+            "them)"
+        )
+    return (
+        f"training {config.model.forward.value} / {config.model.volatility.value} on "
+        f"{config.data} ({data.train.shape[0]} examples of shape {data.shape}) to step {end}"
+        f"{phase_plan} -> {run_dir}"
+    )
+
+
+def _interval_record(
+    config: TrainConfig, step: int, terms: list, schedule, rate: float, seconds: float
+) -> dict[str, Any]:
+    """The metrics row of one logged interval (batch means over its steps)."""
+    return {
+        "step": step,
+        "loss": float(np.mean([float(b.total) for b, _ in terms])),
+        **{
+            name: float(np.mean([float(getattr(b, name)) for b, _ in terms])) for name in LOSS_TERMS
+        },
+        "grad_norm": float(np.mean([float(g) for _, g in terms])),
+        "lr": schedule(step - 1),
+        "phase": "likelihood" if step > config.steps else "simulation-free",
+        "steps_per_sec": rate,
+        "seconds": seconds,
+    }
+
+
+LOSS_TERMS = ("diffusion", "prior", "reconstruction", "curvature")
+
+
+def _diverged(config: TrainConfig, steps: list[int], totals: np.ndarray, last_good) -> Exception:
+    bad = steps[int(np.argmin(np.isfinite(totals)))]
+    return TrainingDiverged(
+        f"training stopped: the loss became non-finite "
+        f"({totals[~np.isfinite(totals)][0]}) at step {bad}; the last good checkpoint "
+        + (f"is {last_good}" if last_good else "does not exist (none was saved yet)")
+        + (
+            "; in the likelihood phase, lower --likelihood-lr or loosen "
+            "likelihood-tol (a solve that needs more than 1024 steps gives NaN)."
+            if bad > config.steps
+            else "; lower --lr or check the data."
+        )
+    )
 
 
 def train(
@@ -612,7 +739,9 @@ def train(
     """Train the model described by `config`, writing checkpoints and metrics to `run_dir`.
 
     - `resume`: continue from the latest checkpoint in `run_dir` (a fresh start if it has none).
-      Without it, a non-empty `run_dir` is an error (nothing is overwritten).
+      Without it, a non-empty `run_dir` is an error (nothing is overwritten). A checkpoint past
+      the configured number of steps is an error, and so is a newest checkpoint that cannot be
+      read (the message names the newest readable one).
     - `stop_at`: stop (after saving) at this step, before `config.steps`; the schedule still
       targets `config.steps`, so a later `resume` is exactly a run that never stopped.
     - `progress`: a stream for the progress bar (e.g. `sys.stderr`); `log`: for messages.
@@ -620,178 +749,90 @@ def train(
       process); `config.batch_size` must divide by their number. In a multi-process run every
       process calls `train` with the same arguments; only process 0 writes to `run_dir`.
 
-    Raises `TrainingDiverged` (a `ValueError`) if the loss becomes non-finite; the last good
-    checkpoint is kept and no non-finite state is saved.
+    Nothing in `run_dir` changes before the first checkpoint of this call is saved (a fresh
+    run writes its `config.json` first), and a failed save leaves the run as it was.
+    `TrainResult.final_loss` is the loss of the last step taken, so a resumed run reports what
+    a straight one does. Raises `TrainingDiverged` (a `ValueError`) if the loss becomes
+    non-finite; the last good checkpoint is kept and no non-finite state is saved.
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"`config` must be a TrainConfig; got {type(config).__name__}.")
     mesh = data_mesh() if mesh is None else mesh
     main = is_main_process()
     log = log if (log is not None and main) else (lambda message: None)
-    progress = progress if main else None
-    run_dir = os.fspath(run_dir)
-    if is_file_reference(config.data):
-        config = dataclasses.replace(config, data=os.path.abspath(config.data))
-    if config.source is not None and is_file_reference(config.source):
-        config = dataclasses.replace(config, source=os.path.abspath(config.source))
-    _check_run_directory(run_dir, config, resume)
+    run = RunDirectory(os.fspath(run_dir), main=main)
+    config = _with_absolute_paths(config)
+    check_run_directory(run.path, config, resume)
     check_model_config(config.model)
     rows = process_rows(config.batch_size, mesh)
+    data = _load_data(config)  # validated before anything is written
+    config = _resolve_for_data(config, data)
+    start = _restore(run, config) if resume else None
+    if start is None:
+        start = _initialise(config, data)
+    else:
+        log(f"resuming {run.path} from step {start.step}")
+    end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
+    log(_plan(config, data, end, run.path))
+    # Every process has checked the run directory (and read a checkpoint) before any writes.
+    barrier("nfdm_de.train.checked")
+    run.open(config, step=start.step)
+    return _loop(config, data, start, run, end, rows, mesh, progress if main else None, log)
 
-    # Validate the data before creating anything on disk.
-    finite = is_file_reference(config.data) or config.data in ("digits", *IMAGE_DATASETS)
-    num = None if finite else config.num_train
-    data = load_dataset(config.data, split="train", num=num, seed=config.seed)
-    num_levels = dataset_num_levels(config.data)
-    data_shape = data.shape[1:]
+
+def _loop(
+    config: TrainConfig,
+    data: _Data,
+    start: _Start,
+    run: RunDirectory,
+    end: int,
+    rows: slice,
+    mesh: jax.sharding.Mesh,
+    progress: TextIO | None,
+    log: Callable[[str], None],
+) -> TrainResult:
+    """Steps `start.step` to `end`: log every `log_every` steps, save every `save_every`."""
     dtype = jnp.result_type(float)
-    source_data = None
-    if config.source is not None:
-        source_num = None if is_file_reference(config.source) else config.num_train
-        # The source's own random stream (seed + 1), independent of the target's.
-        source_data = load_dataset(
-            config.source, split="train", num=source_num, seed=config.seed + 1
-        )
-        if source_data.shape[1:] != data_shape:
-            raise ValueError(
-                f"the source {config.source!r} has examples of shape {source_data.shape[1:]} but "
-                f"the target {config.data!r} has {data_shape}; a bridge needs one dimension."
-            )
-        if num_levels is not None or dataset_num_levels(config.source) is not None:
-            raise ValueError("bridges support continuous data only (no integer-valued sets).")
-    config = resolve_likelihood_phase(config, data_shape, discrete=num_levels is not None)
-    if config.likelihood_steps > 0 and (config.source is not None or len(data_shape) != 1):
-        raise ValueError(
-            "the likelihood phase (likelihood_steps > 0) needs an NFDM on vector data: its exact "
-            f"trace costs D network evaluations per ODE step; got data of shape {data_shape}"
-            + (" and a bridge (--source)." if config.source is not None else ".")
-        )
-
+    state = replicate(start.state, mesh)
+    optimizer = make_optimizer(config.optim)
+    schedule = run_schedule(config)
+    streams = _batch_streams(config, data, start, rows)
+    step_fn, likelihood_fn = _compiled_steps(config, data, state, optimizer)
     # This process's share of a likelihood-phase batch: the first rows of its share of a batch.
     likelihood_rows = None
     if config.likelihood_batch is not None and config.likelihood_steps > 0:
         share = process_rows(config.likelihood_batch, mesh)
         likelihood_rows = share.stop - share.start
-    end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
 
-    checkpoint_dir = os.path.join(run_dir, CHECKPOINT_DIR)
-    metrics_path = os.path.join(run_dir, METRICS_FILE)
-    latest = latest_checkpoint(checkpoint_dir) if resume else None
-    if latest is not None:
-        header = read_header(latest)
-        _check_compatible(TrainConfig.from_dict(header["config"]), config, f"checkpoint {latest!r}")
-        if jnp.dtype(header.get("dtype")) != dtype:
-            raise ValueError(
-                f"checkpoint {latest!r} was trained in {header.get('dtype')}, but this process "
-                f"computes in {dtype}; resume in the same precision."
-            )
-        _, state = load_checkpoint(latest, _state_skeleton(config, header))
-        step = int(header["step"])
-        stored_steps = int(header["config"]["steps"])
-        if step > stored_steps and config.steps != stored_steps:
-            raise ValueError(
-                f"cannot change --steps ({stored_steps} -> {config.steps}) of {run_dir!r}: its "
-                f"likelihood phase has begun (checkpoint at step {step})."
-            )
-        final_loss = float(header.get("loss", math.nan))
-        iterator_state = header["data_iterator"]
-        source_iterator_state = header.get("source_iterator")
-        if main:
-            _truncate_metrics(metrics_path, step)
-        log(f"resuming {run_dir} from step {step}")
-    else:
-        transform = fit_transform(config.data, data)
-        source_transform = None
-        if source_data is not None:
-            source_transform = fit_transform(config.source, source_data)
-        state = init_train_state(config, data_shape, transform, source_transform)
-        step = 0
-        final_loss = math.nan
-        iterator_state = source_iterator_state = None
-        if resume and main:  # a run killed before its first checkpoint: forget its metrics
-            _truncate_metrics(metrics_path, 0)
-    phase_plan = ""
-    if config.likelihood_steps > 0:
-        # Say so up front: the phase's steps cost far more than the first phase's.
-        phase_plan = (
-            f" ({config.steps} simulation-free, then {config.likelihood_steps} likelihood-phase "
-            f"steps with the {config.likelihood_trace.value} trace; --likelihood-steps 0 skips "
-            "them)"
-        )
-    log(
-        f"training {config.model.forward.value} / {config.model.volatility.value} on "
-        f"{config.data} ({data.shape[0]} examples of shape {data_shape}) to step {end}"
-        f"{phase_plan} -> {run_dir}"
-    )
-    # Every process has checked the run directory (and read a checkpoint) before any writes.
-    barrier("nfdm_de.train.checked")
-    if main:
-        os.makedirs(run_dir, exist_ok=True)
-        atomic_write_bytes(
-            os.path.join(run_dir, CONFIG_FILE), json.dumps(config.to_dict(), indent=2).encode()
-        )
-    state = replicate(state, mesh)
-
-    optimizer = make_optimizer(config.optim)
-    schedule = run_schedule(config)
-    iterator = BatchStream(data, batch_size=config.batch_size, seed=config.seed, rows=rows)
-    if iterator_state is not None:
-        iterator.set_state(iterator_state)
-    source_iterator = None
-    if source_data is not None:
-        source_iterator = BatchStream(
-            source_data, batch_size=config.batch_size, seed=config.seed + 1
-        )
-        if source_iterator_state is not None:
-            source_iterator.set_state(source_iterator_state)
-    step_options = dict(
-        curvature_weight=float(config.model.curvature),
-        ema_decay=float(config.optim.ema_decay),
-        num_levels=num_levels,
-        time_power=float(config.model.time_power),
-    )
-    # Compiled for this state's layout once: a call skips filter_jit's per-step partitioning.
-    step_fn = CompiledTrainStep(state, optimizer, **step_options)
-    trace = Hutchinson() if config.likelihood_trace is TraceChoice.HUTCHINSON else ExactTrace()
-    likelihood_fn = CompiledTrainStep(
-        state,
-        optimizer,
-        **step_options,
-        likelihood=LikelihoodSolve(tol=config.likelihood_tol, trace=trace),
-        bound_weight=float(config.likelihood_bound_weight),
-    )
-
-    def header_for(step: int, loss_value: float) -> dict[str, Any]:
+    def header_for(loss_value: float) -> dict[str, Any]:
         return {
             "config": config.to_dict(),
-            "data_shape": list(data_shape),
+            "data_shape": list(data.shape),
             "dtype": str(jnp.dtype(dtype)),
-            "num_levels": num_levels,
-            "data_iterator": iterator.get_state(),
-            "source_iterator": None if source_iterator is None else source_iterator.get_state(),
+            "num_levels": data.num_levels,
+            "data_iterator": streams[0].get_state(),
+            "source_iterator": None if streams[1] is None else streams[1].get_state(),
             "loss": loss_value,
         }
 
-    start_step = step
-    bar = _Progress(config.total_steps, progress, start_step)
+    step, final_loss, checkpoint = start.step, start.loss, start.checkpoint
+    bar = _Progress(config.total_steps, progress, start.step)
     pending: list[tuple[int, LossBreakdown, Array]] = []
     final_terms: dict[str, float] = {}
-    show_curvature = config.model.curvature > 0
-    checkpoint = latest
     started = interval_start = time.perf_counter()
     interval_steps = 0
     try:
         while step < end:
-            host_batch = np.asarray(next(iterator), dtype)
+            host_batch = np.asarray(next(streams[0]), dtype)
             if step >= config.steps and likelihood_rows is not None:
                 host_batch = host_batch[:likelihood_rows]
             batch = shard_batch(host_batch, mesh)
             # Host scalars: replicated constants of the step on every device and process.
             lr = np.asarray(schedule(step), dtype)
-            source_batch = None
-            if source_iterator is not None:
-                source_batch = shard_batch(np.asarray(next(source_iterator), dtype), mesh)
             if step < config.steps:
+                source_batch = None
+                if streams[1] is not None:
+                    source_batch = shard_batch(np.asarray(next(streams[1]), dtype), mesh)
                 state, breakdown, grad_norm = step_fn(
                     state, batch, np.asarray(step), lr, source_batch=source_batch
                 )
@@ -823,70 +864,33 @@ def train(
             terms = jax.device_get([(b, g) for _, b, g in pending])
             totals = np.array([float(b.total) for b, _ in terms])
             if not np.all(np.isfinite(totals)):
-                bad = pending[int(np.argmin(np.isfinite(totals)))][0]
-                last_good = latest_checkpoint(checkpoint_dir)
-                raise TrainingDiverged(
-                    f"training stopped: the loss became non-finite "
-                    f"({totals[~np.isfinite(totals)][0]}) at step {bad}; the last good checkpoint "
-                    + (f"is {last_good}" if last_good else "does not exist (none was saved yet)")
-                    + (
-                        "; in the likelihood phase, lower --likelihood-lr or loosen "
-                        "likelihood-tol (a solve that needs more than 1024 steps gives NaN)."
-                        if bad > config.steps
-                        else "; lower --lr or check the data."
-                    )
-                )
+                steps_done = [s for s, _, _ in pending]
+                raise _diverged(config, steps_done, totals, latest_checkpoint(run.checkpoints))
             now = time.perf_counter()
             rate = interval_steps / max(now - interval_start, 1e-9)
-            final_loss = float(totals.mean())
-            record = {
-                "step": step,
-                "loss": final_loss,
-                **{
-                    name: float(np.mean([float(getattr(b, name)) for b, _ in terms]))
-                    for name in ("diffusion", "prior", "reconstruction", "curvature")
-                },
-                "grad_norm": float(np.mean([float(g) for _, g in terms])),
-                "lr": schedule(step - 1),
-                "phase": "likelihood" if step > config.steps else "simulation-free",
-                "steps_per_sec": rate,
-                "seconds": now - started,
-            }
-            final_terms = {
-                name: record[name] for name in ("diffusion", "prior", "reconstruction", "curvature")
-            }
-            if main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+            record = _interval_record(config, step, terms, schedule, rate, now - started)
+            final_loss = float(totals[-1])
+            final_terms = {name: float(getattr(terms[-1][0], name)) for name in LOSS_TERMS}
+            run.log(record)
             pending.clear()
             interval_start, interval_steps = now, 0
-            bar.update(
-                step,
-                final_loss,
-                rate,
-                force=step == end,
-                curvature=record["curvature"] if show_curvature else None,
-            )
+            curvature = record["curvature"] if config.model.curvature > 0 else None
+            bar.update(step, record["loss"], rate, force=step == end, curvature=curvature)
             if save_now:
                 if not _tree_is_finite(state):
                     raise TrainingDiverged(
                         f"training stopped: the parameters became non-finite by step {step}; "
-                        f"the last good checkpoint is {latest_checkpoint(checkpoint_dir)}."
+                        f"the last good checkpoint is {latest_checkpoint(run.checkpoints)}."
                     )
-                if main:
-                    checkpoint = save_checkpoint(
-                        checkpoint_dir, step, state, header_for(step, final_loss), keep=config.keep
-                    )
-                else:
-                    checkpoint = checkpoint_path(checkpoint_dir, step)  # written by process 0
+                checkpoint = run.save(step, state, header_for(final_loss), config)
     finally:
         bar.close()
     return TrainResult(
-        run_dir=run_dir,
+        run_dir=run.path,
         steps=step,
         final_loss=final_loss,
         seconds=time.perf_counter() - started,
-        resumed_from=start_step,
+        resumed_from=start.step,
         checkpoint=checkpoint,
         devices=mesh_size(mesh),
         processes=jax.process_count(),
@@ -894,5 +898,42 @@ def train(
     )
 
 
-def _stderr_log(message: str) -> None:
-    sys.stderr.write(message + "\n")
+def _batch_streams(
+    config: TrainConfig, data: _Data, start: _Start, rows: slice
+) -> tuple[BatchStream, BatchStream | None]:
+    """The batch stream of the data (this process's `rows` of each batch) and of a bridge's
+    source, at the positions `start` recorded."""
+    stream = BatchStream(data.train, batch_size=config.batch_size, seed=config.seed, rows=rows)
+    if start.iterator_state is not None:
+        stream.set_state(start.iterator_state)
+    source = None
+    if data.source is not None:
+        source = BatchStream(data.source, batch_size=config.batch_size, seed=config.seed + 1)
+        if start.source_iterator_state is not None:
+            source.set_state(start.source_iterator_state)
+    return stream, source
+
+
+def _compiled_steps(
+    config: TrainConfig, data: _Data, state: TrainState, optimizer
+) -> tuple[CompiledTrainStep, CompiledTrainStep]:
+    """The simulation-free step and the likelihood-phase step, each compiled (lazily, on its
+    first call) for this state's layout, so a call skips filter_jit's per-step partitioning."""
+    options = dict(
+        curvature_weight=float(config.model.curvature),
+        ema_decay=float(config.optim.ema_decay),
+        num_levels=data.num_levels,
+        time_power=float(config.model.time_power),
+    )
+    trace = Hutchinson() if config.likelihood_trace is TraceChoice.HUTCHINSON else ExactTrace()
+    likelihood = LikelihoodSolve(tol=config.likelihood_tol, trace=trace)
+    return (
+        CompiledTrainStep(state, optimizer, **options),
+        CompiledTrainStep(
+            state,
+            optimizer,
+            **options,
+            likelihood=likelihood,
+            bound_weight=float(config.likelihood_bound_weight),
+        ),
+    )
