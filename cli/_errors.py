@@ -39,9 +39,8 @@ def describe(error: BaseException, memory_hint: str) -> str:
     if _is_out_of_memory(error):
         return f"out of memory ({_first_line(error)}); lower {memory_hint}."
     if isinstance(error, OSError):
-        where = f" {error.filename!r}" if error.filename else ""
         reason = error.strerror or _first_line(error)
-        return f"cannot access{where}: {reason}."
+        return f"{reason} ({error.filename!r})." if error.filename else f"{reason}."
     if isinstance(error, ValueError):
         return str(error)
     if isinstance(error, RuntimeError):  # e.g. a solve that ran out of steps

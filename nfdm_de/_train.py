@@ -460,7 +460,7 @@ def _load_training_checkpoint(path: str) -> tuple[dict[str, Any], TrainConfig, T
     return header, config, state
 
 
-def load_run(run_dir: str) -> LoadedRun:
+def load_run(run_dir: str | os.PathLike) -> LoadedRun:
     """Load the newest readable checkpoint of the run in `run_dir` (EMA weights as `.model`).
 
     A newer checkpoint that cannot be read (empty, truncated, tampered) is skipped and named in
@@ -728,7 +728,7 @@ def _diverged(config: TrainConfig, steps: list[int], totals: np.ndarray, last_go
 
 def train(
     config: TrainConfig,
-    run_dir: str,
+    run_dir: str | os.PathLike,
     *,
     resume: bool = False,
     stop_at: int | None = None,
