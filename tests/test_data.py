@@ -180,7 +180,7 @@ def _bad_files(tmp_path):
         "nan.npy": "NaN/inf",
         "inf.npy": "NaN/inf",
         "ragged.npy": "cannot read",
-        "garbage.npy": "cannot read",
+        "garbage.npy": "is not a NumPy file",
         "strings.npy": "numeric",
     }
 
