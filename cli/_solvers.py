@@ -85,11 +85,22 @@ def print_json(summary: dict) -> None:
     typer.echo(json.dumps(summary))
 
 
+def check_output_path(path: str) -> None:
+    """A ValueError unless a file can be written at `path` (checked before any work starts)."""
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write {path!r}: it is a directory; name a file.")
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"cannot write {path!r}: {existing!r} is a file, not a directory.")
+
+
 def atomic_save(path: str, write) -> None:
     """Write a file atomically to exactly `path` (whatever its extension): `write` receives a
     binary file object. A crash never leaves a half-written file where a good one was."""
     from nfdm_de._files import atomic_write
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    check_output_path(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, write)

@@ -26,8 +26,10 @@ def main() -> None:
 app.command(name="train")(
     one_line_errors(_train, memory_hint="--batch-size, --width/--depth or --likelihood-batch")
 )
-app.command(name="sample")(one_line_errors(_sample, memory_hint="--num or raise --chunks"))
-app.command(name="nll")(one_line_errors(_nll, memory_hint="--batch-size or raise --chunks"))
+app.command(name="sample")(
+    one_line_errors(_sample, memory_hint="--num (sample in several calls with other --seed values)")
+)
+app.command(name="nll")(one_line_errors(_nll, memory_hint="--batch-size"))
 
 
 @app.command()

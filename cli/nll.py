@@ -24,6 +24,7 @@ from cli._solvers import (
     MaxStepsOption,
     atomic_save,
     check_chunks,
+    check_output_path,
     check_seed,
     fail,
     json_number,
@@ -130,6 +131,8 @@ def nll(
             raise ValueError(f"--probes must be a positive integer; got {probes}.")
         check_chunks(chunks)
         check_seed(seed)
+        if per_example is not None:
+            check_output_path(os.fspath(per_example))
         # All local devices, each solving its own rows of every batch (docs/scaling.md).
         mesh = nd.data_mesh()
         devices = int(mesh.devices.size)

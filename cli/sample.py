@@ -11,6 +11,7 @@ from cli._solvers import (
     MaxStepsOption,
     atomic_save,
     check_chunks,
+    check_output_path,
     check_seed,
     fail,
     json_number,
@@ -175,6 +176,15 @@ def sample(
                 f"reference data have {reference_data.shape[1]} dimensions per example; the "
                 f"model's data have {dim}."
             )
+        out_path = os.fspath(out) if out is not None else os.path.join(run_dir, "samples.npy")
+        for path in (out_path, plot):
+            if path is not None:
+                check_output_path(os.fspath(path))
+        if num * dim >= 2**31:
+            raise ValueError(
+                f"--num {num} x {dim} dimensions exceeds the 2**31 values one array can hold; "
+                "sample in several calls with other --seed values."
+            )
         if trajectories and dim != 2:
             raise ValueError(f"--trajectories needs 2-D data; the data have {dim} dimensions.")
         settings = dict(
@@ -220,7 +230,6 @@ def sample(
         else:
             z, stats = nd.sample(run.model, key, num, mesh=mesh, num_chunks=chunks, **settings)
         samples = _to_data_units(run, z)
-        out_path = os.fspath(out) if out is not None else os.path.join(run_dir, "samples.npy")
         atomic_save(out_path, lambda f: np.save(f, samples))
         summary = {
             "num": num,

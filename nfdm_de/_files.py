@@ -9,6 +9,7 @@ denied) leaves the target as it was and removes the temporary file. Temporaries 
 writes are removed by `remove_stale_temporaries` at the next start.
 """
 
+import errno
 import os
 import re
 import tempfile
@@ -39,6 +40,8 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Call `write` on a binary file that becomes `path` only once `write` has returned and the
     data are on disk. `path`'s directory must exist."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "cannot replace a directory by a file", path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:

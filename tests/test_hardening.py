@@ -108,6 +108,11 @@ def test_plot_and_per_example_files_have_the_format_their_names_say(run_copy, tm
     assert table.shape == (6,) and np.all(np.isfinite(table))
     _fails_cleanly(["sample", "--run-dir", run_copy, "--plot", tmp_path / "p.xyz"], "'xyz'")
     assert not (tmp_path / "p.xyz").exists()
+    # A directory or a path under a file is refused before any work starts.
+    _fails_cleanly(["sample", "--run-dir", run_copy, "--out", run_copy], "it is a directory")
+    _fails_cleanly([*args, "--per-example", pdf / "x.csv"], "is a file, not a directory")
+    num = ["sample", "--run-dir", run_copy, "--num", str(2**31)]
+    _fails_cleanly(num, "exceeds the 2**31 values")
 
 
 def test_reference_files_and_names(run_copy, tmp_path):
