@@ -2,7 +2,7 @@
 
 The NLL is in nats per example *in the data's own units*: the model-space log-density is
 corrected by the run's data transform (its log-Jacobian), and integer data are dequantized with
-the D log(scale) - D log K offset (DESIGN §2.6), giving a bound on the discrete NLL.
+the D log(scale) - D log K offset (docs/math.md), giving a bound on the discrete NLL.
 
 `--method` defaults to the quantity the model optimises: the variational bound for a
 stochastic model (g > 0), the probability-flow ODE NLL for a deterministic one (g = 0) and for
@@ -33,9 +33,6 @@ from cli._solvers import (
     warn_skipped,
 )
 
-# t = u^3 puts samples where the bound's integrand lives (small t).
-BOUND_TIME_POWER = 3.0
-
 
 class Method(StrEnum):
     ode = "ode"
@@ -48,14 +45,11 @@ class Trace(StrEnum):
     hutchinson = "hutchinson"
 
 
-def _summarise(values):
-    """Mean over examples and its standard error (the spread of the per-example estimates,
-    which includes each estimator's own Monte Carlo noise)."""
-    import numpy as np
+def _methods(method: Method):
+    import nfdm_de as nd
 
-    values = np.asarray(values, np.float64)
-    stderr = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
-    return float(np.mean(values)), stderr
+    ode, bound = nd.NLLMethod.ODE, nd.NLLMethod.BOUND
+    return {Method.ode: (ode,), Method.bound: (bound,), Method.both: (ode, bound)}[method]
 
 
 def nll(
@@ -118,27 +112,16 @@ def nll(
 ) -> None:
     """Held-out NLL (nats per example, data units) by the ODE and/or the variational bound."""
     try:
-        import equinox as eqx
-        import jax.numpy as jnp
         import jax.random as jr
-        import numpy as np
 
         import nfdm_de as nd
 
-        if batch_size < 1:
-            raise ValueError(f"--batch-size must be a positive integer; got {batch_size}.")
         if probes < 1:
             raise ValueError(f"--probes must be a positive integer; got {probes}.")
         check_chunks(chunks)
         check_seed(seed)
         if per_example is not None:
             check_output_path(os.fspath(per_example))
-        # All local devices, each solving its own rows of every batch (docs/scaling.md).
-        mesh = nd.data_mesh()
-        devices = int(mesh.devices.size)
-        num_chunks = devices if chunks is None else chunks
-        if num_chunks % devices != 0:
-            raise ValueError(f"--chunks {num_chunks} must be a multiple of the {devices} devices.")
         solver_object = solver_from_name(solver, sde=False)
         run = nd.load_run(os.fspath(run_dir))
         warn_skipped(run)
@@ -147,189 +130,122 @@ def nll(
                 f"{str(run_dir)!r} holds a bridge (from {run.config.source!r}); `nfdm-de nll` "
                 "scores unconditional NFDMs only."
             )
-        model = run.model
-        optimises_ode = model.is_deterministic or (
-            (run.config.likelihood_steps or 0) > 0 and run.step > run.config.steps
-        )
-        default = Method.ode if optimises_ode else Method.bound
-        chosen = method or default
-        if chosen in (Method.bound, Method.both) and model.is_deterministic:
-            raise ValueError(
-                "this run's model is deterministic (g = 0): it has no variational bound; use "
-                "--method ode."
-            )
-        # Validate solver settings before any data are read.
-        if chosen in (Method.ode, Method.both):
-            nd._solve.stepping(
-                solver_object, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, sde=False
-            )
+        default = nd.default_nll_method(run)
+        methods = _methods(method) if method is not None else (default,)
+        settings = dict(solver=solver_object, rtol=rtol, atol=atol, steps=steps)
+        settings.update(max_steps=max_steps, batch_size=batch_size, num_chunks=chunks)
+        nd.check_evaluation(run, methods, **settings)
+        dims = math.prod(run.model.data_shape)
+        trace_object = None
+        if trace is not None:
+            trace_object = nd.ExactTrace() if trace is Trace.exact else nd.Hutchinson(probes)
+        trace_object = trace_object or nd.default_evaluation_trace(dims, probes)
         # The held-out set does not depend on --seed (which drives the estimators only).
-        x = nd.load_dataset(data, split="test", num=num)
-        if num is not None:
-            x = x[:num]
-        data_shape = tuple(model.data_shape)
-        if len(data_shape) == 1:
-            x = x.reshape(x.shape[0], -1)
-            if x.shape[1:] != data_shape:
-                raise ValueError(
-                    f"data {data!r} have {x.shape[1]} dimensions per example; the model of "
-                    f"{str(run_dir)!r} was trained on {math.prod(data_shape)}."
-                )
-        elif x.shape[1:] != data_shape:
-            raise ValueError(
-                f"data {data!r} have examples of shape {x.shape[1:]}; the model of "
-                f"{str(run_dir)!r} was trained on images of shape {data_shape}."
-            )
-        dims = math.prod(data_shape)
-        if run.num_levels is not None:
-            # Checked here, before any output, so bad data is one line (not a half-drawn bar).
-            levels = int(run.num_levels)
-            low, high = float(x.min()), float(x.max())
-            if not np.all(x == np.rint(x)) or low < 0 or high >= levels:
-                raise ValueError(
-                    f"data {data!r} must be integers in [0, {levels}) for this run "
-                    f"(num_levels={levels}); got values in [{low:g}, {high:g}]."
-                )
-        if trace is None:
-            # The exact trace costs D Jacobian-vector products per evaluation.
-            trace = Trace.exact if dims <= 64 else Trace.hutchinson
-        dequantization = None
-        if run.num_levels is not None:
-            # s = (y - shift) / scale with y = (x + u) / K: the run's transform as a dequantizer.
-            scale = 1.0 / run.transform.scale
-            dequantization = nd.Dequantization(
-                num_levels=int(run.num_levels), scale=scale, shift=-run.transform.shift * scale
-            )
-            log_jacobian = 0.0
-        else:
-            log_jacobian = float(run.transform.log_det())
-        trace_object = nd.ExactTrace() if trace is Trace.exact else nd.Hutchinson(num_probes=probes)
-        methods = [Method.ode, Method.bound] if chosen is Method.both else [chosen]
-        per_method = {m: [] for m in methods}
-        stats = {}
-        total = x.shape[0]
+        x = nd.load_dataset(data, split="test", num=num)[:num]
+        x = nd.check_examples(run, x, f"data {data!r}")
         typer.echo(
-            f"NLL of {total} examples of {data} under {run_dir} (step {run.step}): "
+            f"NLL of {x.shape[0]} examples of {data} under {run_dir} (step {run.step}): "
             f"{', '.join(m.value for m in methods)}",
             err=True,
         )
-        base = jr.key(seed)
-        # Whole chunks per batch: the padding below fills the last chunk.
-        size = -(-min(batch_size, total) // num_chunks) * num_chunks
-        with typer.progressbar(length=total, label="nll", file=sys.stderr) as bar:
-            for index, start in enumerate(range(0, total, size)):
-                batch = x[start : start + size]
-                count = batch.shape[0]
-                # Pad a short last batch with repeats of its own rows: one compiled shape for
-                # the whole stream, and repeats leave the batch's error norm (a max over
-                # examples) unchanged. The extra rows are dropped below.
-                batch = np.concatenate([batch, batch[np.arange(size - count) % count]])
-                if dequantization is None:
-                    batch = run.transform.to_model(jnp.asarray(batch, jnp.result_type(float)))
-                else:
-                    batch = jnp.asarray(np.rint(batch).astype(np.int32))
-                key = jr.fold_in(base, index)
-                for m in methods:
-                    if m is Method.ode:
-                        estimate, batch_stats = nd.log_likelihood(
-                            model,
-                            batch,
-                            key=key,
-                            trace=trace_object,
-                            solver=solver_object,
-                            rtol=rtol,
-                            atol=atol,
-                            steps=steps,
-                            max_steps=max_steps,
-                            dequantization=dequantization,
-                            mesh=mesh,
-                            num_chunks=num_chunks,
-                        )
-                        values = -(np.asarray(estimate.value)[:count] + log_jacobian)
-                    else:
-                        estimate, batch_stats = nd.variational_bound(
-                            model,
-                            batch,
-                            key=key,
-                            num_samples=bound_samples,
-                            dequantization=dequantization,
-                            mesh=mesh,
-                            # Importance-sampled t: the same bound with about half the
-                            # standard error (docs/peers.md).
-                            time_power=BOUND_TIME_POWER,
-                        )
-                        values = np.asarray(estimate.value)[:count] - log_jacobian
-                    per_method[m].append(values)
-                    batch_stats = eqx.tree_at(lambda st: st.num, batch_stats, count)
-                    stats[m] = batch_stats if m not in stats else stats[m].combine(batch_stats)
-                bar.update(count)
-        results = {m: np.concatenate(v) for m, v in per_method.items()}
-        headline = chosen if chosen is not Method.both else default
-        nll_mean, nll_stderr = _summarise(results[headline])
-        seconds = sum(s.seconds for s in stats.values())
-        summary = {
-            "nll": nll_mean,
-            "nll_stderr": json_number(nll_stderr),
-            "bpd": nll_mean / (dims * math.log(2)),
-            "nfe": stats[headline].nfe,
-            "num": total,
-            "seconds": seconds,
-            "method": chosen.value,
-            "default_method": headline.value,
-            "trace": trace.value if Method.ode in methods else None,
-            "solver": solver if Method.ode in methods else None,
-            "dims": dims,
-            "discrete": dequantization is not None,
-            "data": data,
-            "run_dir": os.fspath(run_dir),
-            "checkpoint_step": run.step,
-            "devices": devices,
-            "chunks": num_chunks,
-        }
-        if Method.ode in methods:
-            summary["probes"] = probes if trace is Trace.hutchinson else None
-            summary["steps"], summary["rtol"], summary["atol"] = steps, rtol, atol
-        if chosen is Method.both:
-            for m in methods:
-                mean, stderr = _summarise(results[m])
-                summary[f"nll_{m.value}"] = mean
-                summary[f"nll_{m.value}_stderr"] = json_number(stderr)
-                summary[f"bpd_{m.value}"] = mean / (dims * math.log(2))
-                summary[f"nfe_{m.value}"] = stats[m].nfe
-        # Built-in sets with a known density: the truth on the same points, for the gap.
-        truth = None
-        true_values = nd.true_nll(data, x)
-        if true_values is not None:
-            truth = _summarise(true_values)
-            summary["true_nll"] = truth[0]
-            summary["gap"] = nll_mean - truth[0]
+        with typer.progressbar(length=x.shape[0], label="nll", file=sys.stderr) as bar:
+            results = nd.evaluate_nll(
+                run,
+                x,
+                methods,
+                key=jr.key(seed),
+                trace=trace_object,
+                bound_samples=bound_samples,
+                progress=bar.update,
+                **settings,
+            )
+        headline = default if len(methods) > 1 else methods[0]
+        truth = nd.true_nll(data, x)
+        summary = _summary(results, headline, method, default, truth, dims, trace_object)
+        devices = int(nd.data_mesh().devices.size)
+        summary.update(
+            solver=solver if nd.NLLMethod.ODE in results else None,
+            discrete=run.num_levels is not None,
+            data=data,
+            run_dir=os.fspath(run_dir),
+            checkpoint_step=run.step,
+            devices=devices,
+            chunks=chunks or devices,
+        )
+        if nd.NLLMethod.ODE in results:
+            summary.update(steps=steps, rtol=rtol, atol=atol)
         if per_example is not None:
-            path = os.fspath(per_example)
-            if path.endswith(".npy"):
-                atomic_save(path, lambda f: np.save(f, results[headline]))
-            else:
-                columns = [headline] + [m for m in methods if m is not headline]
-                table = np.stack([results[m] for m in columns], axis=1)
-                header = ",".join(f"nll_{m.value}" for m in columns)
-                atomic_save(
-                    path,
-                    lambda f: np.savetxt(f, table, delimiter=",", header=header, comments=""),
-                )
-            summary["per_example"] = path
+            _write_per_example(os.fspath(per_example), results, headline)
+            summary["per_example"] = os.fspath(per_example)
     except (ValueError, OSError) as error:
         fail(error)
-    for m, values in results.items():
-        mean, stderr = _summarise(values)
-        stderr_text = "n/a" if stderr is None else f"{stderr:.4f}"
-        label = {"ode": "ODE NLL", "bound": "bound  "}.get(m.value, m.value)
-        gap_text = "" if truth is None else f", gap to the true NLL {mean - truth[0]:+.4f}"
-        typer.echo(
-            f"{label} {mean:.4f} +- {stderr_text} nats ({mean / (dims * math.log(2)):.4f} "
-            f"bits/dim), NFE {stats[m].nfe:.0f}{gap_text}",
-            err=True,
-        )
-    if truth is not None:
-        typer.echo(f"true NLL {truth[0]:.4f} +- {truth[1]:.4f} nats", err=True)
-    typer.echo(f"{seconds:.1f} s", err=True)
+    _report(results, truth, dims)
     if json_output:
         print_json(summary)
+
+
+def _summary(results, headline, method, default, truth, dims, trace) -> dict:
+    """The `--json` object (headline NLL, each method's when several, the truth's gap)."""
+    import nfdm_de as nd
+
+    main = results[headline]
+    summary = {
+        "nll": main.mean,
+        "nll_stderr": json_number(main.stderr),
+        "bpd": main.bits_per_dim(dims),
+        "nfe": main.stats.nfe,
+        "num": len(main.values),
+        "seconds": sum(r.stats.seconds for r in results.values()),
+        "method": (method or Method(default.value)).value,
+        "default_method": headline.value,
+        "trace": None,
+        "dims": dims,
+    }
+    ode = results.get(nd.NLLMethod.ODE)
+    if ode is not None:
+        summary["trace"] = "exact" if isinstance(trace, nd.ExactTrace) else "hutchinson"
+        summary["probes"] = None if isinstance(trace, nd.ExactTrace) else trace.num_probes
+    if len(results) > 1:
+        for m, result in results.items():
+            summary[f"nll_{m.value}"] = result.mean
+            summary[f"nll_{m.value}_stderr"] = json_number(result.stderr)
+            summary[f"bpd_{m.value}"] = result.bits_per_dim(dims)
+            summary[f"nfe_{m.value}"] = result.stats.nfe
+    if truth is not None:
+        summary["true_nll"] = float(truth.mean())
+        summary["gap"] = main.mean - summary["true_nll"]
+        if len(results) > 1:
+            for m, result in results.items():
+                summary[f"gap_{m.value}"] = result.mean - summary["true_nll"]
+    return summary
+
+
+def _write_per_example(path: str, results, headline) -> None:
+    """.npy: the headline method's values; anything else: a CSV table, one column per method."""
+    import numpy as np
+
+    if path.endswith(".npy"):
+        atomic_save(path, lambda f: np.save(f, results[headline].values))
+        return
+    columns = [headline] + [m for m in results if m is not headline]
+    table = np.stack([results[m].values for m in columns], axis=1)
+    header = ",".join(f"nll_{m.value}" for m in columns)
+    atomic_save(path, lambda f: np.savetxt(f, table, delimiter=",", header=header, comments=""))
+
+
+def _report(results, truth, dims) -> None:
+    seconds = 0.0
+    for m, result in results.items():
+        stderr = "n/a" if result.stderr is None else f"{result.stderr:.4f}"
+        label = {"ode": "ODE NLL", "bound": "bound  "}[m.value]
+        gap = "" if truth is None else f", gap to the true NLL {result.mean - truth.mean():+.4f}"
+        typer.echo(
+            f"{label} {result.mean:.4f} +- {stderr} nats ({result.bits_per_dim(dims):.4f} "
+            f"bits/dim), NFE {result.stats.nfe:.0f}{gap}",
+            err=True,
+        )
+        seconds += result.stats.seconds
+    if truth is not None:
+        stderr = float(truth.std(ddof=1) / math.sqrt(len(truth))) if len(truth) > 1 else 0.0
+        typer.echo(f"true NLL {truth.mean():.4f} +- {stderr:.4f} nats", err=True)
+    typer.echo(f"{seconds:.1f} s", err=True)

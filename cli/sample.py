@@ -191,7 +191,7 @@ def sample(
             solver=solver_object, steps=steps, rtol=rtol, atol=atol, sde=sde, max_steps=max_steps
         )
         # Settings errors before any work starts (and before the progress line).
-        nd._solve.stepping(
+        nd.check_solve_settings(
             solver_object, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, sde=sde
         )
         key = jr.key(seed)

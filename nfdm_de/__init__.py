@@ -59,6 +59,15 @@ from ._data import (
     load_images as load_images,
     true_nll as true_nll,
 )
+from ._evaluate import (
+    NLLMethod as NLLMethod,
+    NLLResult as NLLResult,
+    check_evaluation as check_evaluation,
+    check_examples as check_examples,
+    default_evaluation_trace as default_evaluation_trace,
+    default_nll_method as default_nll_method,
+    evaluate_nll as evaluate_nll,
+)
 from ._flow import (
     NeuralFlow as NeuralFlow,
     neural_flow as neural_flow,
@@ -124,7 +133,7 @@ from ._sharding import (
     replicate as replicate,
     shard_batch as shard_batch,
 )
-from ._solve import SolveStats as SolveStats
+from ._solve import SolveStats as SolveStats, check_solve_settings as check_solve_settings
 from ._terms import (
     AbstractProbeDistribution as AbstractProbeDistribution,
     AbstractTraceEstimator as AbstractTraceEstimator,

@@ -112,6 +112,21 @@ class Stepping(eqx.Module):
     adaptive: bool = eqx.field(static=True)
 
 
+def check_solve_settings(
+    solver: dfx.AbstractSolver,
+    *,
+    steps: int | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int = 4096,
+    sde: bool = False,
+) -> None:
+    """Raise the ValueError a solve with these settings would raise, before any work starts:
+    the solver's kind (ODE or SDE), `steps` exclusive with `rtol`/`atol`, a step count for a
+    fixed-step solver, positive tolerances and step budget."""
+    stepping(solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, sde=sde)
+
+
 def stepping(
     solver: dfx.AbstractSolver,
     *,

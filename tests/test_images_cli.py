@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 import nfdm_de as nd
 from cli.main import app
-from cli.nll import BOUND_TIME_POWER
+from nfdm_de._evaluate import BOUND_TIME_POWER
 
 runner = CliRunner()
 TINY = ["--steps", "3", "--batch-size", "16", "--channels", "2", "--warmup", "1"]
