@@ -22,11 +22,9 @@ from ._checkpoint import (
 )
 from ._config import (
     FLAT_SETTINGS as FLAT_SETTINGS,
-    AnchorChoice as AnchorChoice,
     ForwardChoice as ForwardChoice,
     ModelConfig as ModelConfig,
     OptimConfig as OptimConfig,
-    PredictorSkipChoice as PredictorSkipChoice,
     ScheduleChoice as ScheduleChoice,
     TraceChoice as TraceChoice,
     TrainConfig as TrainConfig,
@@ -75,6 +73,7 @@ from ._flow import (
 from ._forward import (
     AbstractForwardProcess as AbstractForwardProcess,
     AbstractGaussianForwardProcess as AbstractGaussianForwardProcess,
+    AnchorChoice as AnchorChoice,
     LearnedSchedule as LearnedSchedule,
     LinearInterpolant as LinearInterpolant,
     NeuralGaussian as NeuralGaussian,
@@ -122,6 +121,7 @@ from ._nn import (
     FourierTimeFeatures as FourierTimeFeatures,
     MonotoneUnitInterval as MonotoneUnitInterval,
     Predictor as Predictor,
+    PredictorSkipChoice as PredictorSkipChoice,
     TimeConditionedMLP as TimeConditionedMLP,
     mlp_predictor as mlp_predictor,
 )

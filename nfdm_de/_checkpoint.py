@@ -28,7 +28,7 @@ import numpy as np
 from ._files import atomic_write_bytes
 
 FORMAT = "nfdm-de-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _NAME = re.compile(r"^step_(\d{8,})\.eqx$")
 
 
@@ -106,10 +106,14 @@ def read_header(path: str) -> dict[str, Any]:
         raise ValueError(f"{path!r} is not an nfdm-de checkpoint (no JSON header).") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not an nfdm-de checkpoint.")
-    if header.get("format_version") != FORMAT_VERSION:
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        older = isinstance(version, int) and version < FORMAT_VERSION
         raise ValueError(
-            f"checkpoint {path!r} has format version {header.get('format_version')!r}; this "
-            f"nfdm-de ({_library_version()}) reads format version {FORMAT_VERSION}."
+            f"checkpoint {path!r} has format version {version!r}"
+            + (", written by an older nfdm-de" if older else "")
+            + f"; this nfdm-de ({_library_version()}) reads format version {FORMAT_VERSION}"
+            + (": retrain the run." if older else ".")
         )
     written, ours = str(header.get("library_version")), _library_version()
     if _major_minor(written) != _major_minor(ours):

@@ -17,13 +17,14 @@ from ._custom_types import Key
 from ._flow import neural_flow
 from ._forward import (
     AbstractForwardProcess,
+    AnchorChoice,
     LearnedSchedule,
     LinearInterpolant,
     VariancePreserving,
     neural_gaussian,
 )
 from ._model import NFDM
-from ._nn import mlp_predictor
+from ._nn import PredictorSkipChoice, mlp_predictor
 from ._unet import unet_neural_gaussian, unet_predictor
 from ._volatility import (
     AbstractVolatility,
@@ -49,25 +50,6 @@ class VolatilityChoice(enum.Enum):
     LEARNED = "learned"
     CONSTANT = "constant"
     ZERO = "zero"
-
-
-class AnchorChoice(enum.Enum):
-    """The path a learnable Gaussian forward process is gated around: a fixed one (linear, VP)
-    or a learned mixture of the two."""
-
-    LINEAR = "linear"
-    VP = "vp"
-    MIXED = "mixed"  # a learned mixture of the two (NeuralGaussian.anchor_logit)
-
-
-class PredictorSkipChoice(enum.Enum):
-    """The skip connection of the reference predictor (`Predictor.skip`)."""
-
-    GAUSSIAN = "gaussian"  # posterior mean on the forward process's reference path
-    # ... on its path at the data mean (the learnable process's log-scale correction included);
-    # for simulation-free training to many steps (docs/peers.md, session 12)
-    GAUSSIAN_FULL = "gaussian-full"
-    LINEAR = "linear"  # (1 - t) z + (t + delta) NN: checkpoints written before it
 
 
 class TraceChoice(enum.Enum):
@@ -370,23 +352,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Inverse of `to_dict`; unknown keys and values of the wrong type are errors."""
+        """Inverse of `to_dict`: every field must be present (a stored config is complete, so
+        a missing one means another version of nfdm-de wrote it); unknown keys and values of
+        the wrong type are errors too."""
         if not isinstance(d, dict):
             raise ValueError(f"a config must be a JSON object of settings; got {d!r:.60}.")
         d = dict(d)
-        model_dict = d.pop("model", {})
-        if isinstance(model_dict, dict) and model_dict and "forward_width" not in model_dict:
-            # Stored before the forward network had its own size: it had the predictor's.
-            model_dict = {"forward_width": None, "forward_depth": None, **model_dict}
-        if isinstance(model_dict, dict) and model_dict and "input_octaves" not in model_dict:
-            # Stored before the networks had input features: they had none.
-            model_dict = {"input_octaves": 0, "forward_input_octaves": 0, **model_dict}
-        if isinstance(model_dict, dict) and model_dict and "forward_anchor" not in model_dict:
-            model_dict = {"forward_anchor": "linear", **model_dict}
-        if isinstance(model_dict, dict) and model_dict and "predictor_skip" not in model_dict:
-            # Stored before the Gaussian skip connection: the predictor had the linear one.
-            model_dict = {"predictor_skip": "linear", **model_dict}
-        model = _dataclass_from_dict(ModelConfig, model_dict, "model")
+        _check_known(cls, d, "")
+        model = _dataclass_from_dict(ModelConfig, d.pop("model", {}), "model")
         optim = _dataclass_from_dict(OptimConfig, d.pop("optim", {}), "optim")
         return _dataclass_from_dict(cls, d, "", model=model, optim=optim)
 
@@ -419,7 +392,7 @@ def _neural_gaussian(c: ModelConfig, shape, k: Key) -> AbstractForwardProcess:
             shape,
             base_channels=c.channels,
             delta=c.delta,
-            anchor=c.forward_anchor.value,
+            anchor=c.forward_anchor,
             key=k,
         )
     return neural_gaussian(
@@ -428,7 +401,7 @@ def _neural_gaussian(c: ModelConfig, shape, k: Key) -> AbstractForwardProcess:
         depth=c.resolved_forward_depth,
         delta=c.delta,
         input_octaves=c.forward_input_octaves,
-        anchor=c.forward_anchor.value,
+        anchor=c.forward_anchor,
         key=k,
     )
 
@@ -512,7 +485,7 @@ def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> N
             data_shape,
             base_channels=config.channels,
             delta=config.delta,
-            skip=config.predictor_skip.value,
+            skip=config.predictor_skip,
             key=predictor_key,
         )
     else:
@@ -522,7 +495,7 @@ def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> N
             depth=config.depth,
             delta=config.delta,
             input_octaves=config.input_octaves,
-            skip=config.predictor_skip.value,
+            skip=config.predictor_skip,
             key=predictor_key,
         )
     volatility = _VOLATILITY_BUILDERS[config.volatility](config, volatility_key)
@@ -593,9 +566,7 @@ def _coerce(cls, name: str, value):
     return value
 
 
-def _dataclass_from_dict(cls, d: dict, where: str, **already):
-    if not isinstance(d, dict):
-        raise ValueError(f"config section '{where}' must be a table; got {d!r}.")
+def _check_known(cls, d: dict, where: str) -> None:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
     if unknown:
@@ -603,8 +574,20 @@ def _dataclass_from_dict(cls, d: dict, where: str, **already):
             f"unknown config key(s) {unknown}{f' in {where!r}' if where else ''}; "
             f"expected some of {sorted(fields)}."
         )
+
+
+def _dataclass_from_dict(cls, d: dict, where: str, **already):
+    if not isinstance(d, dict):
+        raise ValueError(f"config section '{where}' must be a table; got {d!r}.")
+    _check_known(cls, d, where)
     kwargs = dict(already)
     kwargs.update({name: _coerce(cls, name, value) for name, value in d.items()})
+    missing = sorted({f.name for f in dataclasses.fields(cls)} - set(kwargs))
+    if missing:
+        raise ValueError(
+            f"the stored config lacks {missing}{f' in {where!r}' if where else ''}: it was "
+            "written by another version of nfdm-de; retrain the run with this one."
+        )
     return cls(**kwargs)
 
 

@@ -14,6 +14,7 @@ F(eps, 1, x) = eps by construction.
 """
 
 import abc
+import enum
 import math
 
 import equinox as eqx
@@ -243,6 +244,15 @@ class LearnedSchedule(AbstractGaussianForwardProcess):
         return _vp_reference_path(self.clock(t).astype(t.dtype), self.delta)
 
 
+class AnchorChoice(enum.Enum):
+    """The path a `NeuralGaussian` is gated around: a fixed one (linear, VP) or a learned
+    mixture of the two."""
+
+    LINEAR = "linear"
+    VP = "vp"
+    MIXED = "mixed"  # a learned mixture of the two (NeuralGaussian.anchor_logit)
+
+
 class NeuralGaussian(AbstractGaussianForwardProcess):
     """The learnable Gaussian forward process of NFDM.
 
@@ -256,12 +266,12 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
     `network` maps (x, t) to an array shaped like `x` but with twice the last axis: the mean
     correction then the log-scale correction, concatenated on the last axis.
 
-    `anchor` = "vp" replaces the linear path above by the cosine VP path of
+    `anchor` = `AnchorChoice.VP` replaces the linear path above by the cosine VP path of
     `VariancePreserving` (mu = alpha(t) x + gate NN_mu, log sigma = log sigma_vp(t) + gate
     NN_sigma): the same family, started from the fixed path with the better bound.
 
-    `anchor` = "mixed" learns the anchor too: with w = sigmoid(`anchor_logit`) (a learnable
-    scalar, 0 by default: w = 0.5), mu's base is (1 - w) (1 - t) x + w alpha(t) x and log
+    `anchor` = `AnchorChoice.MIXED` learns the anchor too: with w = sigmoid(`anchor_logit`) (a
+    learnable scalar, 0 by default: w = 0.5), mu's base is (1 - w) (1 - t) x + w alpha(t) x and log
     sigma's base is (1 - w) log sigma_linear + w log sigma_vp. Every w keeps both boundary
     conditions, and the family contains the linear path (w = 0) and the VP path (w = 1)
     exactly, which an MLP correction t(1 - t) NN(x, t) can only approximate (it would have to
@@ -270,22 +280,23 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
 
     network: eqx.Module
     delta: float = 0.01
-    anchor: str = eqx.field(default="linear", static=True)
+    anchor: AnchorChoice = eqx.field(default=AnchorChoice.LINEAR, static=True)
     anchor_logit: Float[Array, ""] | None = None
 
     def __post_init__(self):
         # The mixed anchor starts halfway between the linear and the VP path (w = 0.5).
-        if self.anchor == "mixed" and self.anchor_logit is None:
+        if self.anchor is AnchorChoice.MIXED and self.anchor_logit is None:
             self.anchor_logit = jnp.zeros(())
 
     def __check_init__(self):
         _check_delta(self.delta)
-        if self.anchor not in ANCHORS:
-            raise ValueError(f"`anchor` must be one of {ANCHORS}; got {self.anchor!r}.")
-        if self.anchor != "mixed" and self.anchor_logit is not None:
+        if not isinstance(self.anchor, AnchorChoice):
+            choices = ", ".join(f"AnchorChoice.{a.name}" for a in AnchorChoice)
+            raise ValueError(f"`anchor` must be one of {choices}; got {self.anchor!r}.")
+        if self.anchor is not AnchorChoice.MIXED and self.anchor_logit is not None:
             raise ValueError(
-                "`anchor_logit` (the learnable weight of the VP path) belongs to "
-                f"anchor='mixed' only; got anchor={self.anchor!r}."
+                "`anchor_logit` (the learnable weight of the VP path) belongs to the "
+                f"AnchorChoice.MIXED anchor only; got {self.anchor}."
             )
 
     @property
@@ -356,15 +367,12 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
         return a, jnp.exp(log_sigma)
 
 
-ANCHORS = ("linear", "vp", "mixed")
-
-
-def _anchor_moments(anchor: str, vp_weight, t: Array, x: Array, delta: float):
+def _anchor_moments(anchor: AnchorChoice, vp_weight, t: Array, x: Array, delta: float):
     """(mu, log sigma) of the anchor path: only the paths the anchor needs are evaluated."""
-    if anchor == "vp":
+    if anchor is AnchorChoice.VP:
         return _vp_moments(t, x, delta)
     linear_mu, linear_log_sigma = (1 - t) * x, _linear_log_scale(t, delta)
-    if anchor == "linear":
+    if anchor is AnchorChoice.LINEAR:
         return linear_mu, linear_log_sigma
     vp_mu, vp_log_sigma = _vp_moments(t, x, delta)
     w = jnp.asarray(vp_weight, x.dtype)
@@ -378,7 +386,7 @@ def neural_gaussian(
     depth: int = 3,
     delta: float = 0.01,
     input_octaves: int = 0,
-    anchor: str = "linear",
+    anchor: AnchorChoice = AnchorChoice.LINEAR,
     key: Key,
 ) -> NeuralGaussian:
     """A `NeuralGaussian` with the reference MLP (zero-initialised output layer) for vectors;

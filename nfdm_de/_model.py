@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from ._custom_types import Data, Scalar, Time
 from ._forward import AbstractForwardProcess
-from ._nn import Predictor
+from ._nn import Predictor, PredictorSkipChoice
 from ._volatility import AbstractVolatility
 
 
@@ -101,7 +101,7 @@ class NFDM(eqx.Module):
         reference path (`gaussian` skip) or on its path at the data mean (`gaussian-full`);
         any other module is called as `predictor(z, t)`."""
         if isinstance(self.predictor, Predictor):
-            if self.predictor.skip == "gaussian-full":
+            if self.predictor.skip is PredictorSkipChoice.GAUSSIAN_FULL:
                 return self.predictor(z, t, self.forward.skip_path(t, z))
             return self.predictor(z, t, self.forward.reference_path(t))
         return self.predictor(z, t)

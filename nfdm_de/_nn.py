@@ -1,5 +1,6 @@
 """Reference networks: time features, an MLP conditioned on time, the x_hat predictor."""
 
+import enum
 import math
 
 import equinox as eqx
@@ -184,7 +185,12 @@ class TimeConditionedMLP(eqx.Module):
         return h @ self.output.weight.T + self.output.bias, rate @ self.output.weight.T
 
 
-PREDICTOR_SKIPS = ("gaussian", "gaussian-full", "linear")
+class PredictorSkipChoice(enum.Enum):
+    """The skip connection of a `Predictor`."""
+
+    GAUSSIAN = "gaussian"  # posterior mean on the forward process's reference path
+    GAUSSIAN_FULL = "gaussian-full"  # ... on its path at the data mean (`skip_path`)
+    LINEAR = "linear"  # (1 - t) z + (t + delta) NN(z, t)
 
 
 def linear_reference_path(t: Time, delta: float) -> tuple[Scalar, Scalar]:
@@ -223,13 +229,14 @@ class Predictor(eqx.Module):
 
     network: eqx.Module
     delta: float = 0.01
-    skip: str = eqx.field(default="gaussian", static=True)
+    skip: PredictorSkipChoice = eqx.field(default=PredictorSkipChoice.GAUSSIAN, static=True)
 
     def __check_init__(self):
         if not (isinstance(self.delta, int | float) and 0.0 < self.delta < 1.0):
             raise ValueError(f"`delta` must be a float in (0, 1); got {self.delta!r}.")
-        if self.skip not in PREDICTOR_SKIPS:
-            raise ValueError(f"`skip` must be one of {PREDICTOR_SKIPS}; got {self.skip!r}.")
+        if not isinstance(self.skip, PredictorSkipChoice):
+            choices = ", ".join(f"PredictorSkipChoice.{s.name}" for s in PredictorSkipChoice)
+            raise ValueError(f"`skip` must be one of {choices}; got {self.skip!r}.")
 
     def __call__(self, z: Data, t: Time, reference_path: tuple[Array, Array] | None = None) -> Data:
         t = jnp.asarray(t, z.dtype)
@@ -238,7 +245,7 @@ class Predictor(eqx.Module):
             raise ValueError(
                 f"Predictor network must return the data's shape {z.shape}; got {out.shape}."
             )
-        if self.skip == "linear":
+        if self.skip is PredictorSkipChoice.LINEAR:
             return (1 - t) * z + (t + self.delta) * out
         if reference_path is None:
             reference_path = linear_reference_path(t, self.delta)
@@ -254,7 +261,7 @@ def mlp_predictor(
     depth: int = 3,
     delta: float = 0.01,
     input_octaves: int = 0,
-    skip: str = "gaussian",
+    skip: PredictorSkipChoice = PredictorSkipChoice.GAUSSIAN,
     key: Key,
 ) -> Predictor:
     """The reference predictor for vectors: `Predictor` around a `TimeConditionedMLP`."""

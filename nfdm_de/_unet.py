@@ -26,8 +26,8 @@ import jax.random as jr
 from jaxtyping import Array, Float
 
 from ._custom_types import Key, Time
-from ._forward import NeuralGaussian
-from ._nn import FourierTimeFeatures, Predictor
+from ._forward import AnchorChoice, NeuralGaussian
+from ._nn import FourierTimeFeatures, Predictor, PredictorSkipChoice
 
 
 def _num_groups(channels: int, max_groups: int) -> int:
@@ -253,7 +253,7 @@ def unet_predictor(
     channel_mults: Sequence[int] = (1, 2),
     num_frequencies: int = 8,
     delta: float = 0.01,
-    skip: str = "gaussian",
+    skip: PredictorSkipChoice = PredictorSkipChoice.GAUSSIAN,
     key: Key,
 ) -> Predictor:
     """The reference predictor for images: `Predictor` around a `UNet` with C -> C channels."""
@@ -276,7 +276,7 @@ def unet_neural_gaussian(
     channel_mults: Sequence[int] = (1, 2),
     num_frequencies: int = 8,
     delta: float = 0.01,
-    anchor: str = "linear",
+    anchor: AnchorChoice = AnchorChoice.LINEAR,
     key: Key,
 ) -> NeuralGaussian:
     """A `NeuralGaussian` for images: a `UNet` with C -> 2C channels (mean then log-scale

@@ -73,11 +73,14 @@ def forward_processes(key):
     k7, k8 = jr.split(jr.fold_in(key, 7))
     neural = perturb(nd.neural_gaussian(DATA_SIZE, width=16, depth=2, key=k1), k2)
     neural_vp = perturb(
-        nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor="vp", input_octaves=2, key=k7), k8
+        nd.neural_gaussian(
+            DATA_SIZE, width=16, depth=2, anchor=nd.AnchorChoice.VP, input_octaves=2, key=k7
+        ),
+        k8,
     )
     k9, k10 = jr.split(jr.fold_in(key, 9))
     neural_mixed = perturb(
-        nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor="mixed", key=k9), k10
+        nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor=nd.AnchorChoice.MIXED, key=k9), k10
     )
     schedule = perturb(nd.LearnedSchedule(hidden=8, key=k3), k4, scale=1.0)
     flow = perturb(

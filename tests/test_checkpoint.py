@@ -18,6 +18,7 @@ import pytest
 from test_train import TINY, _bit_identical
 
 import nfdm_de as nd
+from nfdm_de._checkpoint import FORMAT_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,6 +66,9 @@ def test_incompatible_or_damaged_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="format version 99"):
         nd.load_checkpoint(path, like)
     _rewrite_header(path, format_version=1)
+    with pytest.raises(ValueError, match="format version 1, written by an older.*retrain"):
+        nd.load_checkpoint(path, like)
+    _rewrite_header(path, format_version=FORMAT_VERSION)
     wrong = dict(like, a=jnp.zeros((4, 3)))
     with pytest.raises(ValueError, match=r"expected structure.*'a'.*shape"):
         nd.load_checkpoint(path, wrong)

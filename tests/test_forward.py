@@ -136,12 +136,15 @@ def test_neural_gaussian_starts_at_linear_interpolant(getkey):
 
 
 def test_vp_anchored_neural_gaussian_starts_at_vp(getkey):
-    neural = nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor="vp", key=getkey())
+    neural = nd.neural_gaussian(
+        DATA_SIZE, width=16, depth=2, anchor=nd.AnchorChoice.VP, key=getkey()
+    )
     vp = nd.VariancePreserving()
     x, eps = _point(getkey())
     for t in INTERIOR_TIMES:
         assert max_abs(neural.transform(eps, t, x), vp.transform(eps, t, x)) < 1e-12
-    with pytest.raises(ValueError, match="anchor"):
+    # A string is not an AnchorChoice (the type checker of the tests refuses it first).
+    with pytest.raises((ValueError, TypeError), match="anchor"):
         nd.neural_gaussian(DATA_SIZE, width=8, depth=1, anchor="cosine", key=getkey())
 
 
@@ -149,11 +152,17 @@ def test_mixed_anchor_contains_the_linear_and_vp_anchors_and_learns_its_weight(g
     # w = sigmoid(anchor_logit) = 0 / 1 must give the linear / VP-anchored process exactly
     # (same corrections network), and the transform must depend on the logit in between.
     mixed = perturb(
-        nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor="mixed", key=getkey()), getkey()
+        nd.neural_gaussian(
+            DATA_SIZE, width=16, depth=2, anchor=nd.AnchorChoice.MIXED, key=getkey()
+        ),
+        getkey(),
     )
-    assert float(nd.neural_gaussian(DATA_SIZE, anchor="mixed", key=getkey()).vp_weight) == 0.5
+    assert (
+        float(nd.neural_gaussian(DATA_SIZE, anchor=nd.AnchorChoice.MIXED, key=getkey()).vp_weight)
+        == 0.5
+    )
     x, eps = _point(getkey())
-    for logit, anchor in ((-jnp.inf, "linear"), (jnp.inf, "vp")):
+    for logit, anchor in ((-jnp.inf, nd.AnchorChoice.LINEAR), (jnp.inf, nd.AnchorChoice.VP)):
         pinned = eqx.tree_at(lambda f: f.anchor_logit, mixed, jnp.asarray(logit))
         fixed = nd.NeuralGaussian(network=mixed.network, delta=mixed.delta, anchor=anchor)
         for t in INTERIOR_TIMES:
@@ -165,9 +174,14 @@ def test_mixed_anchor_contains_the_linear_and_vp_anchors_and_learns_its_weight(g
     for t in INTERIOR_TIMES:
         slope = jax.grad(mixed_sum)(jnp.asarray(0.3), t)
         assert abs(float(slope)) > 1e-4
-    assert float(nd.NeuralGaussian(network=mixed.network, anchor="mixed").vp_weight) == 0.5
+    assert (
+        float(nd.NeuralGaussian(network=mixed.network, anchor=nd.AnchorChoice.MIXED).vp_weight)
+        == 0.5
+    )
     with pytest.raises(ValueError, match="anchor_logit"):
-        nd.NeuralGaussian(network=mixed.network, anchor="vp", anchor_logit=jnp.zeros(()))
+        nd.NeuralGaussian(
+            network=mixed.network, anchor=nd.AnchorChoice.VP, anchor_logit=jnp.zeros(())
+        )
 
 
 def test_learned_schedule_is_monotone_and_starts_near_vp(getkey):

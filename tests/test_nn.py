@@ -42,15 +42,13 @@ def test_config_input_octaves_reach_both_networks_and_old_configs_load(getkey):
     assert model.forward.network.input_features.frequencies == (1.0, 2.0)
     with pytest.raises(ValueError, match="input_octaves"):
         nd.ModelConfig(input_octaves=-1)
-    # A run stored before input features existed had none.
+    # A stored config lacking a field was written by another version: refused, by name.
     stored = nd.TrainConfig().to_dict()
     del stored["model"]["input_octaves"], stored["model"]["forward_input_octaves"]
-    loaded = nd.TrainConfig.from_dict(stored)
-    assert loaded.model.input_octaves == 0 and loaded.model.forward_input_octaves == 0
-    # One stored before the anchor option was built around the linear path; the default is now
-    # the learned mixture, and a stored choice is kept.
+    with pytest.raises(ValueError, match="lacks.*'forward_input_octaves', 'input_octaves'"):
+        nd.TrainConfig.from_dict(stored)
+    # A stored anchor is kept, whatever the default.
     assert nd.TrainConfig().model.forward_anchor is nd.AnchorChoice.MIXED
-    del stored["model"]["forward_anchor"]
-    assert nd.TrainConfig.from_dict(stored).model.forward_anchor is nd.AnchorChoice.LINEAR
+    stored = nd.TrainConfig().to_dict()
     stored["model"]["forward_anchor"] = "vp"
     assert nd.TrainConfig.from_dict(stored).model.forward_anchor is nd.AnchorChoice.VP

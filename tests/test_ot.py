@@ -139,10 +139,9 @@ def test_forward_network_size_settings(getkey):
     updated = nd.update_config(nd.TrainConfig(), {"forward_width": 32, "forward_depth": 1})
     assert (updated.model.forward_width, updated.model.forward_depth) == (32, 1)
     assert nd.TrainConfig.from_dict(updated.to_dict()) == updated
-    # A config stored before the fields existed: its forward network had the predictor's size.
-    old = updated.to_dict()
-    del old["model"]["forward_width"], old["model"]["forward_depth"]
-    loaded = nd.TrainConfig.from_dict(old)
+    # Without its own size the forward network has the predictor's.
+    unsized = nd.TrainConfig(model=nd.ModelConfig(forward_width=None, forward_depth=None))
+    loaded = nd.TrainConfig.from_dict(unsized.to_dict())
     assert loaded.model.forward_width is None and loaded.model.resolved_forward_width == 128
     for bad in (0, -3, 2.5, "64", True):
         with pytest.raises(ValueError, match="forward_width"):

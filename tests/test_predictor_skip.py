@@ -34,9 +34,13 @@ def _without_correction(forward):
 def _gaussian_paths(key):
     k1, k2, k3, k4, k5, k6 = jr.split(key, 6)
     mixed = perturb(
-        nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor="mixed", key=k1), k2, scale=1.0
+        nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor=nd.AnchorChoice.MIXED, key=k1),
+        k2,
+        scale=1.0,
     )
-    vp_anchor = perturb(nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor="vp", key=k3), k4)
+    vp_anchor = perturb(
+        nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor=nd.AnchorChoice.VP, key=k3), k4
+    )
     schedule = perturb(nd.LearnedSchedule(hidden=8, key=k5), k6, scale=1.0)
     # (process whose predictor is tested, the Gaussian path its reference path should be)
     return {
@@ -63,7 +67,9 @@ def test_gaussian_skip_is_the_posterior_mean_on_the_reference_path(name, getkey)
     if name == "neural-gaussian(mixed anchor)":
         # The learned anchor weight moved away from 0.5, so the mixture is really tested.
         assert abs(float(forward.vp_weight) - 0.5) > 0.05
-    predictor = nd.Predictor(ZeroNetwork(), delta=forward.delta, skip="gaussian")
+    predictor = nd.Predictor(
+        ZeroNetwork(), delta=forward.delta, skip=nd.PredictorSkipChoice.GAUSSIAN
+    )
     model = nd.NFDM(forward, predictor, nd.ConstantVolatility(1.0), data_shape=(DATA_SIZE,))
     oracle = PosteriorMean(path, jnp.zeros(DATA_SIZE), jnp.eye(DATA_SIZE))
     z = jr.normal(getkey(), (DATA_SIZE,), jnp.float64)
@@ -91,7 +97,7 @@ def test_network_scale_and_the_end_points(getkey):
 
 def test_linear_skip_keeps_the_earlier_form(getkey):
     network = nd.TimeConditionedMLP(DATA_SIZE, DATA_SIZE, width=8, depth=1, key=getkey())
-    predictor = as_f64(nd.Predictor(network, delta=0.01, skip="linear"))
+    predictor = as_f64(nd.Predictor(network, delta=0.01, skip=nd.PredictorSkipChoice.LINEAR))
     z = jr.normal(getkey(), (DATA_SIZE,), jnp.float64)
     t = jnp.asarray(0.35, jnp.float64)
     expected = (1 - t) * z + (t + 0.01) * network(z, t)
@@ -106,13 +112,10 @@ def _built_skip(config):
     return eqx.filter_eval_shape(nd.build_model, config, (2,), key=jr.key(0)).predictor.skip
 
 
-def test_a_config_stored_before_the_gaussian_skip_loads_with_the_linear_one():
-    stored = nd.TrainConfig().to_dict()
-    del stored["model"]["predictor_skip"]
-    config = nd.TrainConfig.from_dict(stored)
-    assert config.model.predictor_skip is nd.PredictorSkipChoice.LINEAR
-    assert _built_skip(config.model) == "linear"
-    assert _built_skip(nd.ModelConfig()) == "gaussian"
+def test_the_config_builds_its_skip():
+    linear = nd.ModelConfig(predictor_skip=nd.PredictorSkipChoice.LINEAR)
+    assert _built_skip(linear) is nd.PredictorSkipChoice.LINEAR
+    assert _built_skip(nd.ModelConfig()) is nd.PredictorSkipChoice.GAUSSIAN
 
 
 def test_a_stored_gaussian_skip_is_kept():
@@ -121,12 +124,13 @@ def test_a_stored_gaussian_skip_is_kept():
         stored = nd.TrainConfig().to_dict()
         stored["model"]["predictor_skip"] = skip
         config = nd.TrainConfig.from_dict(stored)
-        assert _built_skip(config.model) == skip
+        assert _built_skip(config.model).value == skip
 
 
 def test_bad_skip_names_the_problem():
-    with pytest.raises(ValueError, match="`skip` must be one of"):
-        nd.Predictor(ZeroNetwork(), skip="cosine")
+    # A string is not a PredictorSkipChoice (the type checker of the tests refuses it first).
+    with pytest.raises((ValueError, TypeError), match="skip"):
+        nd.Predictor(ZeroNetwork(), skip="gaussian")
     with pytest.raises(ValueError, match="predictor_skip"):
         nd.update_config(nd.TrainConfig(), {"predictor_skip": "cosine"})
 
@@ -134,7 +138,9 @@ def test_bad_skip_names_the_problem():
 def test_reference_path_gradient_reaches_the_anchor_weight(getkey):
     # The skip is built on the learnable mixed anchor, so the objective's gradient reaches w
     # through the predictor as well as through the path.
-    forward = nd.neural_gaussian(DATA_SIZE, width=8, depth=1, anchor="mixed", key=getkey())
+    forward = nd.neural_gaussian(
+        DATA_SIZE, width=8, depth=1, anchor=nd.AnchorChoice.MIXED, key=getkey()
+    )
     predictor = nd.Predictor(ZeroNetwork(), delta=forward.delta)
     model = nd.NFDM(forward, predictor, nd.ConstantVolatility(1.0), data_shape=(DATA_SIZE,))
     z = jr.normal(getkey(), (DATA_SIZE,))
@@ -153,10 +159,15 @@ def _with_constant_log_scale_correction(forward, key):
 
 
 def test_full_skip_is_the_posterior_mean_on_the_learned_path(getkey):
-    forward = nd.neural_gaussian(DATA_SIZE, width=16, depth=2, anchor="mixed", key=getkey())
+    forward = nd.neural_gaussian(
+        DATA_SIZE, width=16, depth=2, anchor=nd.AnchorChoice.MIXED, key=getkey()
+    )
     forward = as_f64(_with_constant_log_scale_correction(forward, getkey()))
     z = jr.normal(getkey(), (DATA_SIZE,), jnp.float64)
-    for skip, should_match in (("gaussian-full", True), ("gaussian", False)):
+    for skip, should_match in (
+        (nd.PredictorSkipChoice.GAUSSIAN_FULL, True),
+        (nd.PredictorSkipChoice.GAUSSIAN, False),
+    ):
         predictor = nd.Predictor(ZeroNetwork(), delta=forward.delta, skip=skip)
         model = nd.NFDM(forward, predictor, nd.ConstantVolatility(1.0), data_shape=(DATA_SIZE,))
         for t in (0.03, 0.3, 0.7, 0.97):
@@ -180,7 +191,7 @@ def test_full_skip_equals_the_gaussian_skip_on_a_fixed_path(name, getkey):
     network = nd.TimeConditionedMLP(DATA_SIZE, DATA_SIZE, width=8, depth=1, key=getkey())
     z = jr.normal(getkey(), (DATA_SIZE,))
     predictions = []
-    for skip in ("gaussian", "gaussian-full"):
+    for skip in (nd.PredictorSkipChoice.GAUSSIAN, nd.PredictorSkipChoice.GAUSSIAN_FULL):
         predictor = nd.Predictor(network, delta=forward.delta, skip=skip)
         model = nd.NFDM(forward, predictor, nd.ConstantVolatility(1.0), data_shape=(DATA_SIZE,))
         predictions.append(jnp.stack([model.predict(z, t) for t in TIMES]))
@@ -190,9 +201,14 @@ def test_full_skip_equals_the_gaussian_skip_on_a_fixed_path(name, getkey):
 def test_full_skip_gradient_reaches_the_forward_network(getkey):
     # With `gaussian-full` the objective reaches the forward network through the predictor's
     # skip too; with `gaussian` the skip does not involve the network at all.
-    forward = nd.neural_gaussian(DATA_SIZE, width=8, depth=1, anchor="mixed", key=getkey())
+    forward = nd.neural_gaussian(
+        DATA_SIZE, width=8, depth=1, anchor=nd.AnchorChoice.MIXED, key=getkey()
+    )
     z = jr.normal(getkey(), (DATA_SIZE,))
-    for skip, reaches in (("gaussian-full", True), ("gaussian", False)):
+    for skip, reaches in (
+        (nd.PredictorSkipChoice.GAUSSIAN_FULL, True),
+        (nd.PredictorSkipChoice.GAUSSIAN, False),
+    ):
         predictor = nd.Predictor(ZeroNetwork(), delta=forward.delta, skip=skip)
         model = nd.NFDM(forward, predictor, nd.ConstantVolatility(1.0), data_shape=(DATA_SIZE,))
         grad = eqx.filter_grad(lambda m: jnp.sum(m.predict(z, 0.4)))(model)

@@ -206,10 +206,10 @@ def test_forward_network_lr_scale_validation():
             nd.update_config(TINY, {"forward": forward, "forward_network_lr_scale": 0.0})
     with pytest.raises(ValueError, match="with source 'two-moons'"):
         nd.update_config(TINY, {"source": "two-moons", "forward_network_lr_scale": 0.0})
-    # Stored before the option existed: the default scale, 1.
     stored = TINY.to_dict()
     del stored["optim"]["forward_network_lr_scale"]
-    assert nd.TrainConfig.from_dict(stored).optim.forward_network_lr_scale == 1.0
+    with pytest.raises(ValueError, match="lacks \\['forward_network_lr_scale'\\] in 'optim'"):
+        nd.TrainConfig.from_dict(stored)
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +268,7 @@ def test_load_run(straight_run):
     assert not _bit_identical(run.model, run.raw_model)
     # The default mixed anchor's weight is a trained parameter (it started at exactly 0.5).
     forward = run.raw_model.forward
-    assert forward.anchor == "mixed" and abs(float(forward.vp_weight) - 0.5) > 1e-5
+    assert forward.anchor is nd.AnchorChoice.MIXED and abs(float(forward.vp_weight) - 0.5) > 1e-5
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -68,7 +68,7 @@ def test_zero_initialised_forward_network_is_the_linear_interpolant(getkey):
     assert float(jnp.max(jnp.abs(score - score_lin))) < IDENTITY_TOL
 
 
-@pytest.mark.parametrize("skip", ["gaussian", "linear"])
+@pytest.mark.parametrize("skip", [nd.PredictorSkipChoice.GAUSSIAN, nd.PredictorSkipChoice.LINEAR])
 def test_predictor_builder_has_the_skip_form(skip, getkey):
     # gaussian: x_hat = a / (a^2 + s^2) z + s / sqrt(a^2 + s^2) UNet(z, t) on the linear path
     # a = 1 - t, s = t + (1 - t) delta (when called without a reference path);
@@ -83,7 +83,7 @@ def test_predictor_builder_has_the_skip_form(skip, getkey):
         return predictor(z, t), predictor.network(z, t)
 
     x_hat, out = both(predictor)
-    if skip == "linear":
+    if skip is nd.PredictorSkipChoice.LINEAR:
         expected = (1 - t) * z + (t + predictor.delta) * out
     else:
         a, s = 1 - t, t + (1 - t) * predictor.delta
