@@ -37,7 +37,7 @@ NFDM_METHODS: dict[str, tuple[dict, tuple[str, ...]]] = {
         ("ode",),
     ),
     # NFDM with its forward network frozen at zero: only the anchor weight w is learned, so the
-    # path is a learned, data-independent mixture of the linear and VP paths (session 11).
+    # path is a learned, data-independent mixture of the linear and VP paths.
     "learned-anchor": (
         {"forward": "neural-gaussian", "volatility": "learned", "forward_network_lr_scale": 0.0},
         ("bound", "ode"),

@@ -1,4 +1,4 @@
-"""nfdm-de against real density-estimation peers (issue 9), side by side with the same budget.
+"""nfdm-de against real density-estimation peers, side by side with the same budget.
 
     python benchmarks/peers.py [--steps 1500] [--batch 256] [--width 64] [--depth 3]
         [--sets checkerboard,spirals,two-moons,rings,gmm-10d] [--methods nfdm,...,maf,gmm]

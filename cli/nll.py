@@ -2,7 +2,7 @@
 
 The NLL is in nats per example *in the data's own units*: the model-space log-density is
 corrected by the run's data transform (its log-Jacobian), and integer data are dequantized with
-the D log(scale) - D log K offset (DESIGN §2.6), giving a bound on the discrete NLL.
+the D log(scale) - D log K offset (docs/math.md, "Bits/dim"), giving a bound on the discrete NLL.
 
 `--method` defaults to the quantity the model optimises: the variational bound for a
 stochastic model (g > 0), the probability-flow ODE NLL for a deterministic one (g = 0) and for
@@ -126,7 +126,8 @@ def nll(
         if probes < 1:
             raise ValueError(f"--probes must be a positive integer; got {probes}.")
         check_chunks(chunks)
-        # All local devices, each solving its own rows of every batch (docs/scaling.md).
+        # All local devices, each solving its own rows of every batch (docs/training.md,
+        # "Scaling out").
         mesh = nd.data_mesh()
         devices = int(mesh.devices.size)
         num_chunks = devices if chunks is None else chunks
@@ -246,8 +247,8 @@ def nll(
                             num_samples=bound_samples,
                             dequantization=dequantization,
                             mesh=mesh,
-                            # Importance-sampled t: the same bound with about half the
-                            # standard error (docs/peers.md).
+                            # Importance-sampled t: the same bound with a smaller standard
+                            # error.
                             time_power=BOUND_TIME_POWER,
                         )
                         values = np.asarray(estimate.value)[:count] - log_jacobian

@@ -1,4 +1,5 @@
-"""The simulation-free NFDM objective (DESIGN §2.3, §2.4), written term by term."""
+"""The simulation-free NFDM objective, written term by term (docs/math.md, "The bound" and
+"NFDM-OT")."""
 
 import math
 
