@@ -42,12 +42,12 @@ def test_config_input_octaves_reach_both_networks_and_old_configs_load(getkey):
     assert model.forward.network.input_features.frequencies == (1.0, 2.0)
     with pytest.raises(ValueError, match="input_octaves"):
         nd.ModelConfig(input_octaves=-1)
-    # A run stored before input features existed had none.
+    # A stored config without the input-feature fields loads with none.
     stored = nd.TrainConfig().to_dict()
     del stored["model"]["input_octaves"], stored["model"]["forward_input_octaves"]
     loaded = nd.TrainConfig.from_dict(stored)
     assert loaded.model.input_octaves == 0 and loaded.model.forward_input_octaves == 0
-    # One stored before the anchor option was built around the linear path; the default is now
+    # One without `forward_anchor` loads with the linear anchor; the default for new configs is
     # the learned mixture, and a stored choice is kept.
     assert nd.TrainConfig().model.forward_anchor is nd.AnchorChoice.MIXED
     del stored["model"]["forward_anchor"]

@@ -139,7 +139,7 @@ def test_forward_network_size_settings(getkey):
     updated = nd.update_config(nd.TrainConfig(), {"forward_width": 32, "forward_depth": 1})
     assert (updated.model.forward_width, updated.model.forward_depth) == (32, 1)
     assert nd.TrainConfig.from_dict(updated.to_dict()) == updated
-    # A config stored before the fields existed: its forward network had the predictor's size.
+    # A stored config without the fields loads with a forward network of the predictor's size.
     old = updated.to_dict()
     del old["model"]["forward_width"], old["model"]["forward_depth"]
     loaded = nd.TrainConfig.from_dict(old)
