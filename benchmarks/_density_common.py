@@ -66,7 +66,7 @@ def budget_parser(doc: str | None, *, sets: str, methods: str) -> argparse.Argum
     """The flags both density benchmarks share: the training budget, the held-out size, the
     sets and methods to run."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
-    # The defaults are `nfdm-de train`'s own budget, the one the README's tables quote.
+    # The defaults are `nfdm-de train`'s own simulation-free budget.
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--width", type=int, default=128)

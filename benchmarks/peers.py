@@ -59,7 +59,7 @@ def _standardise(train):
 
 
 def maf_lr(budget: Budget) -> float:
-    """The MAF's peak rate: --lr when given, else 1e-3 (the rate its table was measured at)."""
+    """The MAF's peak rate: --lr when given, else 1e-3."""
     return 1e-3 if budget.lr is None else budget.lr
 
 
