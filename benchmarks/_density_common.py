@@ -37,7 +37,7 @@ NFDM_METHODS: dict[str, tuple[dict, tuple[str, ...]]] = {
         ("ode",),
     ),
     # NFDM with its forward network frozen at zero: only the anchor weight w is learned, so the
-    # path is a learned, data-independent mixture of the linear and VP paths (session 11).
+    # path is a learned, data-independent mixture of the linear and VP paths.
     "learned-anchor": (
         {"forward": "neural-gaussian", "volatility": "learned", "forward_network_lr_scale": 0.0},
         ("bound", "ode"),
@@ -66,7 +66,7 @@ def budget_parser(doc: str | None, *, sets: str, methods: str) -> argparse.Argum
     """The flags both density benchmarks share: the training budget, the held-out size, the
     sets and methods to run."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
-    # The defaults are `nfdm-de train`'s own budget, the one the README's tables quote.
+    # The defaults are `nfdm-de train`'s own simulation-free budget.
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--width", type=int, default=128)

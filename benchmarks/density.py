@@ -1,4 +1,4 @@
-"""Density benchmark (issue 5): held-out NLL gap to the true NLL on the known-density toy sets,
+"""Density benchmark: held-out NLL gap to the true NLL on the known-density toy sets,
 for NFDM (learnable Gaussian forward process; its variational bound and its ODE NLL) and the
 fixed-forward baselines (VP, learned schedule, linear), all trained by `nfdm_de.train` with the
 same budget (steps, batch, width, depth, learning rate).

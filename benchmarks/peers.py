@@ -1,4 +1,4 @@
-"""nfdm-de against real density-estimation peers (issue 9), side by side with the same budget.
+"""nfdm-de against real density-estimation peers, side by side with the same budget.
 
     python benchmarks/peers.py [--steps 1500] [--batch 256] [--width 64] [--depth 3]
         [--sets checkerboard,spirals,two-moons,rings,gmm-10d] [--methods nfdm,...,maf,gmm]
@@ -59,7 +59,7 @@ def _standardise(train):
 
 
 def maf_lr(budget: Budget) -> float:
-    """The MAF's peak rate: --lr when given, else 1e-3 (the rate its table was measured at)."""
+    """The MAF's peak rate: --lr when given, else 1e-3."""
     return 1e-3 if budget.lr is None else budget.lr
 
 

@@ -93,7 +93,7 @@ def main():
             default, model=dataclasses.replace(model, forward=nd.ForwardChoice.LINEAR)
         ),
         "NFDM, default config": default,
-        # This skip evaluates the forward network once more, at the data mean (session 12).
+        # This skip evaluates the forward network once more, at the data mean.
         "NFDM, learned-path skip (gaussian-full)": dataclasses.replace(
             default,
             model=dataclasses.replace(model, predictor_skip=nd.PredictorSkipChoice.GAUSSIAN_FULL),

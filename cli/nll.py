@@ -2,7 +2,7 @@
 
 The NLL is in nats per example *in the data's own units*: the model-space log-density is
 corrected by the run's data transform (its log-Jacobian), and integer data are dequantized with
-the D log(scale) - D log K offset (docs/math.md), giving a bound on the discrete NLL.
+the D log(scale) - D log K offset (docs/math.md, "Bits/dim"), giving a bound on the discrete NLL.
 
 `--method` defaults to the quantity the model optimises: the variational bound for a
 stochastic model (g > 0), the probability-flow ODE NLL for a deterministic one (g = 0) and for

@@ -222,8 +222,8 @@ def sample(
             f"with {name}{' SDE' if sde else ' ODE'}",
             err=True,
         )
-        # All local devices, each solving its own rows (docs/scaling.md); a bridge maps its
-        # source points one solve each, on one device.
+        # All local devices, each solving its own rows (docs/training.md, "Scaling out"); a
+        # bridge maps its source points one solve each, on one device.
         mesh = nd.data_mesh()
         if is_bridge:
             z, stats = nd.bridge_sample(run.model, key, c, **settings)

@@ -173,8 +173,8 @@ def train(
             help="Skip connection of the predictor: gaussian (default; the posterior mean on the "
             "forward process's reference path: NFDM's anchor without the network), "
             "gaussian-full (the same on the path at the data mean, the learnable process's "
-            "log-scale correction included; for long simulation-free training) or linear (the "
-            "earlier (1 - t) z form)."
+            "log-scale correction included; for long simulation-free training) or linear "
+            "((1 - t) z + (t + delta) NN)."
         ),
     ] = None,
     channels: Annotated[
@@ -213,7 +213,7 @@ def train(
         str | None,
         typer.Option(
             help="Multi-process: host:port of process 0 (or $NFDM_DE_COORDINATOR); see "
-            "docs/scaling.md."
+            "docs/training.md."
         ),
     ] = None,
     num_processes: Annotated[

@@ -8,7 +8,7 @@ already hold a finished run):
 
 - `nfdm`: the learnable Gaussian forward process with a learned volatility (default config);
 - `nfdm-ot`: the learnable forward process, deterministic (`volatility=zero`) with the curvature
-  penalty `--lam` (DESIGN §2.4);
+  penalty `--lam` (docs/math.md, "NFDM-OT");
 - `linear`: the linear-interpolant baseline, deterministic (flow matching).
 
 Then sweeps ODE solvers (Euler, Heun, Midpoint) and, for the stochastic model, the SDE

@@ -1,4 +1,4 @@
-"""Bridges: a learned diffusion process between two data distributions (issue 8, point 2).
+"""Bridges: a learned diffusion process between two data distributions.
 
 **The forward map.** For a target point x (the data, t = 0) and a source point c (t = 1),
 
@@ -14,9 +14,10 @@ training starts at the fixed bridge mu = (1 - t) x + t c, sigma = delta + 4 s t 
 Brownian-bridge-like bump of noise that vanishes, to delta, at both ends; a polynomial rather
 than sqrt(t (1 - t)) so that d log sigma / dt stays finite at the ends).
 
-For a fixed c, (eps, t, x) -> F is a Gaussian forward process in the sense of DESIGN §2.1 except
-for its t = 1 boundary; `ConditionedBridge` is that process (an `AbstractGaussianForwardProcess`)
-and reuses its closed-form velocity f(z, t, x) and score s(z, t, x).
+For a fixed c, (eps, t, x) -> F is a Gaussian forward process (docs/math.md, "The forward
+process") except for its t = 1 boundary; `ConditionedBridge` is that process (an
+`AbstractGaussianForwardProcess`) and reuses its closed-form velocity f(z, t, x) and score
+s(z, t, x).
 
 **The generative model.** Given the source point c, the generative process starts at
 z_1 ~ p(z_1 | c) = N(c, delta^2 I) and runs the SDE dz = f^B(z, t, x_hat(z, t, c)) dt + g dw_bar
@@ -24,8 +25,8 @@ z_1 ~ p(z_1 | c) = N(c, delta^2 I) and runs the SDE dz = f^B(z, t, x_hat(z, t, c
 x_hat(z, t, c) = (1 - t) z + (t + delta) NN(z, c, t). The decoder is p(x | z_0) = N(x; z_0,
 delta^2 I) as in the unconditional model.
 
-**The objective** (DESIGN §2.3 with every distribution conditioned on c). For each pair (x, c),
--log p(x | c) <= L_diff + L_prior + L_rec with
+**The objective** (docs/math.md, "The bound" and "Bridges": the bound with every distribution
+conditioned on c). For each pair (x, c), -log p(x | c) <= L_diff + L_prior + L_rec with
 
     L_diff  = E_{t, eps} 1/(2 g^2) || f^B(z_t, t, x) - f^B(z_t, t, x_hat(z_t, t, c)) ||^2,
     L_prior = KL(q(z_1 | x, c) || p(z_1 | c)) = KL(N(c, delta^2 I) || N(c, delta^2 I)) = 0,

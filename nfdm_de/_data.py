@@ -592,9 +592,9 @@ def fit_transform(name_or_path: str, train: np.ndarray) -> AffineDataTransform:
 
     Continuous data are standardised per dimension. Integer data in [0, K) (digits, images) are
     first dequantised to y = (x + u) / K in [0, 1) by the pipeline; the transform then maps y
-    with one scalar scale and shift for all dimensions (DESIGN §2.6: s = a y + b), fitted to the
-    dequantised training data (mean of (x + 1/2) / K, its standard deviation), and stored with
-    the shape of one example.
+    with one scalar scale and shift for all dimensions (docs/math.md, "Bits/dim": s = a y + b),
+    fitted to the dequantised training data (mean of (x + 1/2) / K, its standard deviation), and
+    stored with the shape of one example.
     """
     levels = dataset_num_levels(name_or_path)
     if levels is None:
@@ -656,8 +656,8 @@ class BatchStream:
     iterator protocol and state (`{"next_index": i}`) of `iter(dataset.to_iter_dataset())`.
 
     grain's pipeline walks every example of a batch through its Python layers (shuffle, repeat,
-    batch): 5 ms per batch of 256 on a 2-core CPU, more than the default train step itself, and
-    its prefetch thread took that time from the training loop (docs/peers.md, session 13). Here
+    batch), which on a small CPU costs more per batch than a default train step, and its
+    prefetch thread competes with the training loop for the cores. Here
     batch i's row indices are computed directly with the permutation grain's `shuffle` uses
     (per epoch e, seed + e), so the batches, and a run trained on them, are identical; a test
     checks that against grain's own iterator.

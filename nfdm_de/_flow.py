@@ -8,7 +8,7 @@ other part, the data point `x` and the time `t`; its raw outputs are multiplied 
 t (1 - t), and a spline with all-zero raw parameters is the identity *bit for bit* (see
 `_spline_forward`). So G(., 0, x) = G(., 1, x) = identity exactly and the Gaussian anchor
 (mu, sigma) (a `NeuralGaussian` or the `LinearInterpolant`) supplies the boundary conditions
-F(eps, 0, x) = x + delta * eps and F(eps, 1, x) = eps (DESIGN §2.1).
+F(eps, 0, x) = x + delta * eps and F(eps, 1, x) = eps (docs/math.md, "The forward process").
 
 Why rational-quadratic splines (Durkan et al., 2019) rather than affine couplings: an affine
 coupling is Gaussian in each transformed coordinate given the others, and for D = 1 (nothing to
@@ -182,7 +182,7 @@ def _slots(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class NeuralFlow(AbstractForwardProcess):
-    """A learnable non-Gaussian forward process (DESIGN §2.1, "non-Gaussian family").
+    """A learnable non-Gaussian forward process (docs/math.md, "The forward process").
 
         F(eps, t, x) = anchor.transform(G(eps; t, x), t, x),   G = layer_L o ... o layer_1
 

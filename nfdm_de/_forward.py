@@ -261,7 +261,8 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
 
     The t(1 - t) gate switches the network off at both ends, so the boundary conditions hold
     exactly. The network's output layer is zero-initialised: training starts at the linear
-    interpolant and moves away only where that lowers the loss (DESIGN §2.1).
+    interpolant and moves away only where that lowers the loss (docs/math.md, "The forward
+    process").
 
     `network` maps (x, t) to an array shaped like `x` but with twice the last axis: the mean
     correction then the log-scale correction, concatenated on the last axis.
@@ -354,11 +355,10 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
         """The anchor's a(t) and the learned sigma(x = 0, t), elementwise: the network's
         log-scale correction at the standardised data's mean is included.
 
-        The network learns a log-scale correction that hardly depends on x but moves the whole
-        schedule (up to 0.38 on gmm-10d); a skip built on the anchor's sigma then no longer
-        matches the path, and at 10,000 steps that cost NFDM 0.03 nats of bound on gmm-10d
-        (docs/peers.md, session 12; `gaussian-full` is not the default). The mean correction
-        (at most 0.01 there) is left out, so the skip stays a multiple of z.
+        The network can learn a log-scale correction that hardly depends on x but moves the
+        whole schedule; a skip built on the anchor's sigma then does not match the path, and
+        this one does (the `gaussian-full` skip, not the default; docs/training.md). The mean
+        correction is left out, so the skip stays a multiple of z.
         """
         like = jnp.asarray(like)
         t = jnp.asarray(t, like.dtype)

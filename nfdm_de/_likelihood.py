@@ -1,5 +1,6 @@
-"""Likelihoods: the probability-flow ODE (DESIGN §2.5), the variational bound of the stochastic
-model (§2.3), and bits/dim with dequantization for discrete data (§2.6).
+"""Likelihoods: the probability-flow ODE, the variational bound of the stochastic model, and
+bits/dim with dequantization for discrete data (docs/math.md, "The probability-flow ODE", "The
+bound" and "Bits/dim").
 
 Conventions: `log_likelihood` estimates log p(x) (nats, higher is better); `variational_bound`
 estimates an upper bound on -log p(x) (nats). Both return an `Estimate` per example with its
@@ -36,7 +37,7 @@ class Estimate(eqx.Module):
 
 
 class Dequantization(eqx.Module):
-    """Uniform dequantization of integer data in [0, K) into model space (DESIGN §2.6).
+    """Uniform dequantization of integer data in [0, K) into model space (docs/math.md, "Bits/dim").
 
         y = (x + u) / K,  u ~ U[0, 1)^D;   s = scale * y + shift
 
@@ -271,7 +272,8 @@ def variational_bound(
     mesh: jax.sharding.Mesh | None = None,
     time_power: float = 1.0,
 ) -> tuple[Estimate, SolveStats]:
-    """The variational upper bound on -log p(x) of the stochastic model (DESIGN §2.3), in nats.
+    """The variational upper bound on -log p(x) of the stochastic model, in nats (docs/math.md,
+    "The bound").
 
     `time_power` > 1 importance-samples t = u^time_power (see `importance_times`): the same
     bound, usually with a smaller standard error.

@@ -1,4 +1,5 @@
-"""The simulation-free NFDM objective (DESIGN §2.3, §2.4), written term by term."""
+"""The simulation-free NFDM objective, written term by term (docs/math.md, "The bound" and
+"NFDM-OT")."""
 
 import math
 
@@ -65,7 +66,7 @@ def example_loss(
     The forward network runs exactly twice, each pass with its time derivative: once at x
     (giving z and both conditional fields there without inverting F) and once at x_hat. Batching
     the two passes into one call is not possible without a third pass, since x_hat depends on z
-    (measured: the batched variant with the extra pass was 1.2-1.5x slower per train step).
+    (a batched variant with that extra pass is slower per train step).
     """
     t = jnp.asarray(t, x.dtype)
     z, velocity_x, score_x = model.forward.transform_and_fields(eps, t, x)

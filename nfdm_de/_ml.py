@@ -1,12 +1,12 @@
 """Maximum-likelihood training through the probability-flow ODE (the `likelihood` phase).
 
-The simulation-free objective (DESIGN §2.3) bounds -log p of the *stochastic* model; the ODE
-NLL that `log_likelihood` reports is a different quantity, and on the toy sets it stays far from
-the truth long after the bound has flattened. For small dimensions the ODE NLL itself is cheap
-enough to differentiate: solve the augmented ODE (z, delta_logp) with the exact trace (D JVPs
-per evaluation) or Hutchinson's estimator (one per probe) by an adaptive solver at a loose
-tolerance, and backpropagate through the solver's steps (discretise-then-optimise; Diffrax's
-`RecursiveCheckpointAdjoint`).
+The simulation-free objective (docs/math.md, "The bound") bounds -log p of the *stochastic*
+model; the ODE NLL that `log_likelihood` reports is a different quantity, and on the toy sets
+it stays far from the truth long after the bound has flattened. For small dimensions the ODE NLL
+itself is cheap enough to differentiate: solve the augmented ODE (z, delta_logp) with the exact
+trace (D JVPs per evaluation) or Hutchinson's estimator (one per probe) by an adaptive solver at
+a loose tolerance, and backpropagate through the solver's steps (discretise-then-optimise;
+Diffrax's `RecursiveCheckpointAdjoint`).
 """
 
 import diffrax as dfx

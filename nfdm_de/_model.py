@@ -16,7 +16,7 @@ class NFDM(eqx.Module):
     """A Neural Flow Diffusion Model.
 
     The generative dynamics plug the predictor x_hat(z, t) into the forward process's conditional
-    fields (DESIGN §2.2):
+    fields (docs/math.md, "The generative process"):
 
     - ODE (probability flow):   dz/dt = v(z, t) = f(z, t, x_hat(z, t))
     - SDE (run from t=1 to 0):  dz = f^B(z, t, x_hat(z, t)) dt + g(t) dw_bar

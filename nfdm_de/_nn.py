@@ -154,8 +154,8 @@ class TimeConditionedMLP(eqx.Module):
         cheaper to differentiate: only the time columns of the first layer carry a tangent, the
         features' derivative is closed form, and every product is written vector @ W^T, which
         vectorises over a batch without transposing activations. A learnable forward process
-        needs this derivative twice per training example; compared with `jax.jvp` it cut the
-        default NFDM train step by 10-15% on a 2-core CPU (docs/peers.md, session 13).
+        needs this derivative twice per training example, so its cost is a visible part of a
+        train step.
         """
         self._check_vector(x)
         features, features_rate = self.time_features.value_and_time_derivative(
@@ -211,20 +211,18 @@ class Predictor(eqx.Module):
     so the skip term alone is the posterior mean E[x | z] for standardised Gaussian data on that
     path, and the network's target, the remaining error, has about unit scale at every t. At
     t = 0 the prediction is exact up to O(delta); at t = 1 the network carries all of it.
-    Matching the skip to each process's own path let every path's predictor learn faster at
-    the default budget (docs/peers.md, session 10).
+    Matching the skip to each process's own path lets every path's predictor learn faster.
 
     The two differ only in the path `NFDM` passes: for "gaussian" the forward process's
     `reference_path` (the learnable process's anchor, its network's correction left out), for
     "gaussian-full" its `skip_path`, the path at the data mean x = 0 with the network's
-    log-scale correction included. The learned correction shifts the whole schedule; matching
-    it removed a 0.03-nat cost on gmm-10d at 10,000 simulation-free steps and changed nothing
-    measurable at the default 3,000, but made the default likelihood phase's ODE stiff (4x the
-    NFE) and its result worse, so it is not the default (docs/peers.md, session 12). Called
-    directly, the two agree.
+    log-scale correction included. The learned correction can shift the whole schedule, which
+    "gaussian-full" follows; it suits long simulation-free runs, and can make the likelihood
+    phase's ODE stiffer, so it is not the default (docs/training.md). Called directly, the two
+    agree.
 
-    `skip` = "linear" is the earlier parameterisation, (1 - t) z + (t + delta) NN(z, t), kept
-    for checkpoints trained with it.
+    `skip` = "linear" is the parameterisation (1 - t) z + (t + delta) NN(z, t), which runs
+    stored without a `predictor_skip` setting load with.
     """
 
     network: eqx.Module

@@ -1,4 +1,5 @@
-"""Sampling from the generative process: the probability-flow ODE or the SDE (DESIGN §2.2, §2.7)."""
+"""Sampling from the generative process: the probability-flow ODE or the SDE (docs/math.md,
+"The generative process" and "Solvers and NFE")."""
 
 import diffrax as dfx
 import equinox as eqx
@@ -14,7 +15,7 @@ from ._solve import SolveReport, SolveStats, Stepping, report, stepping, timed
 from ._terms import generative_ode_term, generative_sde_terms
 
 # Measured with benchmarks/nll_batching.py: one adaptive solve carrying the whole batch is far
-# cheaper than a vmapped solve per example (see docs/sample.md). Sampling uses the same default.
+# cheaper than a vmapped solve per example (docs/likelihood.md). Sampling uses the same default.
 PER_EXAMPLE_DEFAULT = False
 
 

@@ -1,7 +1,8 @@
 """The one adapter between the model and Diffrax's `(t, y, args)` vector-field convention.
 
-Every solve runs *forward* in its own time variable (DESIGN §2.7): the generative direction
-(noise at t = 1 to data at t = 0) is integrated in s = 1 - t from s = 0 to s = 1, because several
+Every solve runs *forward* in its own time variable (docs/math.md, "Solvers and NFE"): the
+generative direction (noise at t = 1 to data at t = 0) is integrated in s = 1 - t from s = 0 to
+s = 1, because several
 SDE solvers are wrong when run backwards; the likelihood ODE runs from data to noise, already
 forward in t.
 

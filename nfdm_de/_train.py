@@ -257,7 +257,7 @@ def _train_step(
             # The ODE NLL alone moves the predictor and the forward process wherever the ODE's
             # velocity wants them; the SDE's bound, which also compares their scores, then
             # drifts up by nats, and refitting g alone afterwards recovered little of it. A
-            # small weight on the bound keeps it (docs/train.md has the measured trade-off).
+            # small weight on the bound keeps it (docs/training.md).
             bound_key = jr.fold_in(loss_key, 1)
             bound, terms = loss(model, bound_key, x, time_power=time_power)
             breakdown = LossBreakdown(nll, terms.diffusion, terms.prior, terms.reconstruction, zero)
@@ -346,9 +346,9 @@ class CompiledTrainStep:
 
     `eqx.filter_jit` partitions its arguments into arrays and the rest on every call. For a
     `TrainState` (the model, its EMA copy and Adam's two moments: 100 arrays for the default
-    NFDM, 64 for the linear baseline) that Python work took 1-2 ms per step on a 2-core CPU,
-    as long as the step's own computation, and it grew with the number of arrays, so it taxed
-    NFDM's larger state twice as much as the baseline's (docs/peers.md, session 13). Here the
+    NFDM, 64 for the linear baseline) that Python work costs 1-2 ms per step on a 2-core CPU,
+    as long as the step's own computation, and it grows with the number of arrays, so it taxes
+    NFDM's larger state twice as much as the baseline's. Here the
     layout is read once: a call flattens the state with `jax.tree.flatten` and hands the
     arrays to a `jax.jit` function as one list, whose dispatch runs in C++. Objects built for
     the same layout and options share one compiled function.

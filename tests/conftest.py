@@ -1,4 +1,5 @@
-"""Shared fixtures. Identities are checked in float64 (DESIGN §6); the suite runs on CPU."""
+"""Shared fixtures. Identities are checked in float64 (docs/math.md, "Accuracy checks"); the
+suite runs on CPU."""
 
 import itertools
 import os

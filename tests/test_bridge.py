@@ -1,4 +1,4 @@
-"""Bridges (issue 8, point 2): exact end points, a Gaussian-to-Gaussian bridge with the exact
+"""Bridges: exact end points, a Gaussian-to-Gaussian bridge with the exact
 posterior-mean predictor, the loss, the CLI (train --source, sample --source, bad input) and the
 example in smoke mode."""
 

@@ -127,7 +127,8 @@ def test_generic_autodiff_path_agrees_with_closed_form(name, getkey):
 
 
 def test_neural_gaussian_starts_at_linear_interpolant(getkey):
-    # Zero-initialised corrections: training starts exactly at the fixed baseline (DESIGN §2.1).
+    # Zero-initialised corrections: training starts exactly at the fixed baseline
+    # (docs/math.md, "The forward process").
     neural = nd.neural_gaussian(DATA_SIZE, width=16, depth=2, key=getkey())
     linear = nd.LinearInterpolant()
     x, eps = _point(getkey())

@@ -18,7 +18,7 @@ from scipy.stats import norm
 
 import nfdm_de as nd
 
-ORACLE_TOL = 1e-4  # nats (DESIGN §6)
+ORACLE_TOL = 1e-4  # nats (docs/math.md, "Accuracy checks")
 K_SE = 3  # Monte Carlo checks: within 3 standard errors
 
 

@@ -2,8 +2,8 @@
 `NFDM.predict` is the exact posterior mean E[x | z] for standard Gaussian data on the forward
 process's reference path (the oracle reads the path from `mean_and_log_scale`, not from
 `reference_path`); with the `gaussian-full` skip it is the posterior mean on the learnable
-process's corrected path too; the legacy `linear` skip and old checkpoints' configs keep the
-earlier forms."""
+process's corrected path too; the `linear` skip is (1 - t) z + (t + delta) NN, and configs
+stored without the setting load with it."""
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -95,13 +95,13 @@ def test_network_scale_and_the_end_points(getkey):
         assert float(jnp.max(jnp.abs(predictor(z, t) - expected))) < IDENTITY_TOL
 
 
-def test_linear_skip_keeps_the_earlier_form(getkey):
+def test_linear_skip_form(getkey):
     network = nd.TimeConditionedMLP(DATA_SIZE, DATA_SIZE, width=8, depth=1, key=getkey())
     predictor = as_f64(nd.Predictor(network, delta=0.01, skip=nd.PredictorSkipChoice.LINEAR))
     z = jr.normal(getkey(), (DATA_SIZE,), jnp.float64)
     t = jnp.asarray(0.35, jnp.float64)
     expected = (1 - t) * z + (t + 0.01) * network(z, t)
-    # The reference path a caller passes is ignored by the earlier form.
+    # The reference path a caller passes is ignored by the linear form.
     got = predictor(z, t, (jnp.asarray(0.2), jnp.asarray(0.9)))
     assert float(jnp.max(jnp.abs(got - expected))) < IDENTITY_TOL
 

@@ -2,8 +2,9 @@
 
 With data on a few atoms, the posterior p(x | z_t) is exact, so are the ideal reverse-SDE drift
 E[f^B(z, t, x) | z] and the marginal probability-flow velocity v*(z, t) = E[f(z, t, x) | z].
-The model's SDE and ODE share one predictor x_hat (DESIGN §2.2): drift f^B(z, t, x_hat),
-velocity f(z, t, x_hat). The bound is minimised by the x_hat that makes the drift exact.
+The model's SDE and ODE share one predictor x_hat (docs/math.md, "The generative process"):
+drift f^B(z, t, x_hat), velocity f(z, t, x_hat). The bound is minimised by the x_hat that makes
+the drift exact.
 
 - For a fixed Gaussian path (linear, VP) both fields are affine in x, so that x_hat (the
   posterior mean) makes the velocity exact too: the bound-optimal model's ODE is the true flow.

@@ -1,5 +1,5 @@
 """The hand-written time derivative of the reference MLP and of the learnable forward process
-(session 13's speed-up of the train step) against forward-mode autodiff, values and gradients."""
+(what the train step uses) against forward-mode autodiff, values and gradients."""
 
 import equinox as eqx
 import jax

@@ -289,7 +289,7 @@ def test_digits_dequantised_training(tmp_path):
     run = nd.load_run(str(tmp_path))
     assert run.num_levels == 17 and run.model.data_shape == (64,)
     assert np.isfinite(result.final_loss)
-    # One scalar affine map for every pixel (DESIGN §2.6: s = a y + b).
+    # One scalar affine map for every pixel (docs/math.md, "Bits/dim": s = a y + b).
     assert float(jnp.ptp(run.transform.scale)) == 0 and float(run.transform.log_det()) == (
         pytest.approx(-64 * math.log(float(run.transform.scale[0])))
     )

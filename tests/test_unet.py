@@ -180,8 +180,8 @@ def test_nfdm_with_unets_trains_on_digits(getkey):
     before = evaluate(model)
     assert np.isfinite(before)
     # 30 steps: the Gaussian skip starts the predictor at the linear path's posterior mean, so
-    # the loss starts lower (measured 1156 against 1897 with the earlier skip) and falls by a
-    # smaller fraction in the first steps (to 0.89x after 15, 0.875x after 30).
+    # the loss starts low and falls by a small fraction in the first steps (to about 0.9x
+    # after 15).
     for key in jr.split(getkey(), 30):
         _, grads = _loss_and_grad(model, key, x)
         model, state = update(model, state, grads)
