@@ -35,7 +35,7 @@ from ._volatility import (
 
 
 class ForwardChoice(enum.Enum):
-    """The built-in forward processes (DESIGN §2.1)."""
+    """The built-in forward processes (docs/math.md, "The forward process")."""
 
     NEURAL_GAUSSIAN = "neural-gaussian"
     LINEAR = "linear"
@@ -73,45 +73,35 @@ class ModelConfig:
     """Everything that determines the model's architecture.
 
     - `forward`, `volatility`: which forward process and volatility (see the Enums).
-    - `curvature`: weight lambda of the NFDM-OT curvature penalty (DESIGN §2.4).
+    - `curvature`: weight lambda of the NFDM-OT curvature penalty (docs/math.md, "NFDM-OT").
     - `width`, `depth`: hidden width and number of hidden layers of the MLPs (vector data; the
       predictor's, and the forward network's too where `forward_width`/`forward_depth` are None).
     - `forward_width`, `forward_depth`: the learnable forward process's network (None: the same
       as the predictor's). The default 2x48 is smaller than the predictor because the forward
       network runs twice per example, each time with its time derivative (a JVP): about four
       network passes against the predictor's one, so an equal-size forward network makes a train
-      step ~3-5x the baseline's; 2x48 keeps it under 2x (profile and figures in docs/ot.md).
+      step several times the baseline's; 2x48 keeps it under 2x (docs/results.md).
     - `channels`: base channel count of the U-Nets (image data; the MLP settings are unused).
     - `delta`: noise scale at t = 0 (the boundary condition F(eps, 0, x) = x + delta eps).
     - `volatility_value`: g for `constant`, the initial g for `learned`.
     - `input_octaves`: sin/cos of the predictor MLP's input at frequencies 1, 2, ..., 2^(n-1)
-      (`FourierInputFeatures`; vector data, 0 = none). The default 4 cut the held-out ODE NLL
-      gap at the default budget from 0.76 to 0.26 nats on rings, 0.65 to 0.24 on spirals and
-      0.44 to 0.20 on checkerboard (3 octaves: 0.43 / 0.48; 6: 0.31 / 0.31; docs/peers.md).
-    - `forward_input_octaves`: the same for the learnable forward process's MLP (default 0:
-      6 octaves there changed the rings ODE gap by only -0.025 nats).
+      (`FourierInputFeatures`; vector data, 0 = none). They let the predictor resolve sharp
+      and thin structure (checkerboard edges, spirals) in few steps.
+    - `forward_input_octaves`: the same for the learnable forward process's MLP (default 0).
     - `forward_anchor`: the path the learnable Gaussian forward process is gated around
       (`NeuralGaussian.anchor`): `linear`, `vp`, or the default `mixed`, a learned mixture of
-      the two (starting halfway). On the six toy sets at the default budget `mixed` lowered
-      the mean held-out bound from 0.140 (vp) to 0.136 nats and the mean ODE NLL from 0.185
-      to 0.169, improving 5 of 6 sets on each; `vp` had in turn beaten `linear` (rings bound
-      0.129 vs 0.180; docs/peers.md).
+      the two (starting halfway), which lets training pick the better of the two paths per
+      data set.
     - `predictor_skip`: the predictor's skip connection (`Predictor`): `gaussian` (default) or
       `gaussian-full`, the posterior mean for standardised Gaussian data on the forward
       process's path, scaled so the network's target has unit size; or `linear`, (1 - t) z +
-      (t + delta) NN, the earlier form. `gaussian` lowered the held-out bound gap of every
-      forward process at the default budget, most for the path it matches: the linear path
-      from 0.150 to 0.102 nats on checkerboard and 0.440 to 0.219 on gmm-10d (docs/peers.md,
-      session 10). The two Gaussian skips differ for the learnable Gaussian process only:
+      (t + delta) NN. The two Gaussian skips differ for the learnable Gaussian process only:
       `gaussian` uses its anchor path, `gaussian-full` its path at the data mean, the
-      network's log-scale correction included; at 10,000 simulation-free steps that lowered
-      NFDM's gmm-10d bound from 0.137 to 0.103 nats (two seeds), at the default budget it
-      changed nothing measurable, and after the default likelihood phase it was worse (ODE gap
-      +0.018 against +0.010 on eight-gaussians, bound gap 0.66 against 0.12; session 12).
+      network's log-scale correction included; `gaussian-full` suits long simulation-free
+      runs and can make the likelihood phase's ODE stiffer (docs/training.md).
     - `time_power`: importance sampling of t in the objective, t = u^time_power with weights
       1/p(t) (1 = uniform; > 1 concentrates on small t, where the bound's integrand is largest).
-      The default 3 lowered the held-out bound by ~0.1 nat and the ODE NLL slightly on the toy
-      sets at equal steps (docs/peers.md).
+      The default 3 lowers the variance of the loss estimate.
     """
 
     forward: ForwardChoice = ForwardChoice.NEURAL_GAUSSIAN
@@ -169,11 +159,8 @@ class ModelConfig:
 class OptimConfig:
     """AdamW with a linear warm-up, then a cosine decay (to `final_lr_fraction * lr`) or a
     constant rate, and gradient clipping by global norm. `ema_decay` is the decay of the EMA
-    weights used for evaluation. The peak rate 6e-3 was chosen at the default budget (3,000
-    steps, batch 256, width 128): on spirals, rings and checkerboard the mean held-out bound gap
-    was 0.150 / 0.115 / 0.101 / 0.110 / 0.121 nats at 3e-3 / 4.5e-3 / 6e-3 / 8e-3 / 1e-2, and
-    the mean ODE gap 0.242 / 0.211 / 0.170 / 0.173 / 0.193 (docs/peers.md). (3e-3 had been
-    chosen at 1,000 steps, where it beat 1e-3 by ~0.2 nat.)"""
+    weights used for evaluation. The peak rate 6e-3 is tuned for the default budget (3,000
+    steps, batch 256, width 128) on the toy sets; lower it for longer runs or larger models."""
 
     lr: float = 6e-3
     warmup: int = 200
@@ -237,7 +224,6 @@ class TrainConfig:
     # default) lets `resolve_likelihood_phase` choose once the data is known: steps // 10 where
     # the phase applies and is affordable, else 0.
     likelihood_steps: int | None = None
-    # 3e-3 cut the phase's mean ODE gap from 0.044 to 0.034 against 1e-3 (docs/peers.md).
     likelihood_lr: float = 3e-3
     likelihood_tol: float = 1e-3
     # Examples per likelihood-phase step (None: `batch_size`). A step's cost is proportional to
@@ -247,9 +233,8 @@ class TrainConfig:
     # `auto`: exact up to AUTO_EXACT_TRACE_MAX_DIM dimensions, Hutchinson above.
     likelihood_trace: TraceChoice = TraceChoice.AUTO
     # The phase minimises ODE NLL + this weight x the simulation-free bound (stochastic models).
-    # With 0 the bound, which the ODE NLL does not see, drifted from +0.04 to +2.98 nats on
-    # eight-gaussians; 0.01 kept it at +0.16 for an ODE NLL within noise of 0's (+0.002 +- 0.002
-    # paired), 0.1 at +0.07 for +0.005 on the ODE (docs/train.md).
+    # The ODE NLL alone does not see the bound, which then drifts by nats; a small weight keeps
+    # it (and SDE sampling) in place at no measurable cost to the ODE NLL (docs/training.md).
     likelihood_bound_weight: float = 0.01
 
     def __post_init__(self):
@@ -441,7 +426,8 @@ def _is_learnable(module) -> bool:
 
 def check_model_config(config: ModelConfig, *, forward_is_learnable: bool | None = None) -> None:
     """Refuse a deterministic model (`volatility=zero`) with a learnable forward process and no
-    curvature penalty: that objective can be cheated by a degenerate noise schedule (DESIGN §2.3).
+    curvature penalty: that objective can be cheated by a degenerate noise schedule
+    (docs/math.md, "The bound").
 
     `forward_is_learnable` defaults to building the forward process abstractly and looking for
     trainable arrays in it, so a new forward process needs no entry here.
@@ -457,7 +443,8 @@ def check_model_config(config: ModelConfig, *, forward_is_learnable: bool | None
         raise ValueError(
             f"volatility 'zero' with the learnable forward process '{config.forward.value}' needs "
             "a curvature penalty > 0: without one the deterministic objective degenerates (the "
-            "learned schedule collapses and injects all noise in a sliver of time, DESIGN §2.3); "
+            "learned schedule collapses and injects all noise in a sliver of time; see "
+            "docs/math.md, 'The bound'); "
             "use a fixed forward process (linear, vp) or set curvature > 0."
         )
 
@@ -467,7 +454,8 @@ def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> N
     get MLP networks (`width`, `depth`), images `(H, W, C)` U-Nets (`channels`).
 
     Refuses a deterministic model (`volatility=zero`) with a learnable forward process and no
-    curvature penalty: that objective can be cheated by a degenerate noise schedule (DESIGN §2.3).
+    curvature penalty: that objective can be cheated by a degenerate noise schedule
+    (docs/math.md, "The bound").
     """
     if not isinstance(config, ModelConfig):
         raise ValueError(f"`config` must be a ModelConfig; got {type(config).__name__}.")

@@ -1,8 +1,8 @@
 """Held-out NLL of a trained run in the data's own units: what `nfdm-de nll` computes.
 
 The model-space log-density is corrected by the run's data transform (its log-Jacobian), and
-integer data are dequantized with the D log(scale) - D log K offset (docs/math.md, "Bits per
-dimension"), which gives a bound on the discrete NLL. Examples are streamed in batches of one
+integer data are dequantized with the D log(scale) - D log K offset (docs/math.md, "Bits/dim"),
+which gives a bound on the discrete NLL. Examples are streamed in batches of one
 compiled shape: a short last batch is padded with repeats of its own rows, which leaves an
 adaptive solve's error norm (a max over examples) unchanged, and the extra rows are dropped.
 """
