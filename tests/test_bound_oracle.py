@@ -32,7 +32,9 @@ def _with_vp_weight(forward, w):
 
 
 def _paths():
-    mixed = nd.neural_gaussian(2, width=8, depth=1, delta=DELTA, anchor="mixed", key=jr.key(3))
+    mixed = nd.neural_gaussian(
+        2, width=8, depth=1, delta=DELTA, anchor=nd.AnchorChoice.MIXED, key=jr.key(3)
+    )
     # The network's output layer starts at zero, so this is the anchor path with w = 0.3.
     mixed = _with_vp_weight(mixed, 0.3)
     return {

@@ -77,7 +77,9 @@ def _perturbed_neural_gaussian(key, scale):
     which perturbs every layer: the map x -> f(z, t, x) can then lose invertibility and the
     Newton solves below need not converge.)"""
     init_key, output_key = jr.split(key)
-    forward = nd.neural_gaussian(2, width=16, depth=2, delta=0.1, anchor="mixed", key=init_key)
+    forward = nd.neural_gaussian(
+        2, width=16, depth=2, delta=0.1, anchor=nd.AnchorChoice.MIXED, key=init_key
+    )
     weight = forward.network.output.weight
     return eqx.tree_at(
         lambda f: f.network.output.weight,

@@ -38,7 +38,7 @@ def test_mlp_time_derivative_refuses_a_wrong_shape(getkey):
         net.value_and_time_derivative(jnp.zeros(4), 0.5)
 
 
-@pytest.mark.parametrize("anchor", ["linear", "vp", "mixed"])
+@pytest.mark.parametrize("anchor", list(nd.AnchorChoice))
 def test_neural_gaussian_rates_match_autodiff_in_value_and_gradient(getkey, anchor):
     """`NeuralGaussian._moments_and_rates` uses the MLP's written-out derivative; the base class
     takes `jax.jvp` of `mean_and_log_scale`. Both the four arrays and the gradient of a loss
