@@ -3,7 +3,6 @@
 import json
 import math
 import os
-from typing import Annotated
 
 import typer
 
@@ -11,12 +10,6 @@ from cli._errors import describe
 
 ODE_SOLVER_NAMES = ("euler", "heun", "midpoint", "ralston", "bosh3", "tsit5", "dopri5", "dopri8")
 SDE_SOLVER_NAMES = ("euler", "euler-maruyama", "heun", "sra1", "shark", "sea")
-
-# Options every command that solves (or reports) declares the same way.
-MaxStepsOption = Annotated[int, typer.Option(help="Step budget of an adaptive solve.")]
-JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print one JSON object (last stdout line).")
-]
 
 
 def check_chunks(chunks: int | None) -> None:
@@ -99,8 +92,8 @@ def check_output_path(path: str) -> None:
 def atomic_save(path: str, write) -> None:
     """Write a file atomically to exactly `path` (whatever its extension): `write` receives a
     binary file object. A crash never leaves a half-written file where a good one was."""
-    from nfdm_de._files import atomic_write
+    import nfdm_de as nd
 
     check_output_path(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, write)
+    nd.atomic_write(path, write)

@@ -66,6 +66,7 @@ from ._evaluate import (
     default_nll_method as default_nll_method,
     evaluate_nll as evaluate_nll,
 )
+from ._files import atomic_write as atomic_write
 from ._flow import (
     NeuralFlow as NeuralFlow,
     neural_flow as neural_flow,
@@ -83,6 +84,7 @@ from ._forward import (
 from ._image_io import (
     ImageData as ImageData,
     as_uint8_images as as_uint8_images,
+    figure_format as figure_format,
     load_digits_images as load_digits_images,
     read_cifar10 as read_cifar10,
     read_cifar10_batch as read_cifar10_batch,
@@ -91,6 +93,7 @@ from ._image_io import (
     read_images as read_images,
     read_npy_images as read_npy_images,
     read_npz_images as read_npz_images,
+    save_figure as save_figure,
     save_image_grid as save_image_grid,
 )
 from ._likelihood import (

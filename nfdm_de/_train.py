@@ -432,6 +432,14 @@ class LoadedRun:
     # (path, reason) of each newer checkpoint that could not be read and was skipped.
     skipped: tuple[tuple[str, str], ...] = ()
 
+    def to_data_units(self, z: Float[ArrayLike, " n *shape"]) -> np.ndarray:
+        """Model space -> the data's units (float64); integer data in [0, K) come back as
+        integers (the dequantization's floor)."""
+        x = np.asarray(self.transform.from_model(jnp.asarray(z)), dtype=np.float64)
+        if self.num_levels is not None:
+            x = np.clip(np.floor(x * self.num_levels), 0, self.num_levels - 1)
+        return x
+
 
 def _cast_floats(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)

@@ -232,16 +232,16 @@ def test_existing_run_is_never_overwritten(tmp_path):
 
 
 def test_toml_tables_and_flag_precedence(tmp_path):
-    from cli.train import _read_toml, _resolve
+    from cli._settings import read_toml, resolve
 
     path = tmp_path / "c.toml"
     path.write_text(
         'data = "spirals"\nsteps = 7\n[model]\nwidth = 8\ncurvature = 1\n'
         '[optim]\nlr = 0.5\nschedule = "constant"\n'
     )
-    settings = _read_toml(path)
+    settings = read_toml(path)
     settings.update(steps=9)  # a flag given on the command line
-    config = _resolve(nd.TrainConfig(), settings)
+    config = resolve(nd.TrainConfig(), settings)
     assert config.data == "spirals" and config.steps == 9
     assert config.model.width == 8 and config.model.curvature == 1.0
     assert config.optim.lr == 0.5 and config.optim.schedule is nd.ScheduleChoice.CONSTANT

@@ -1,0 +1,83 @@
+"""The inputs and figure of `nfdm-de sample`: a bridge's source points, the reference set and
+the plot, each checked against the run."""
+
+import os
+
+TRAJECTORY_PATHS = 64
+
+
+def bridge_sources(run, source, num: int, trajectories: bool):
+    """(source points in model space, their count) for a bridge; (None, num) for an NFDM."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import nfdm_de as nd
+
+    dim = int(np.prod(run.model.data_shape))
+    is_bridge = run.source_transform is not None
+    if source is not None and not is_bridge:
+        raise ValueError(
+            "--source maps source points through a bridge, but the run holds an NFDM (train one "
+            "with `nfdm-de train --data TARGET --source SOURCE`)."
+        )
+    if not is_bridge:
+        if num * dim >= 2**31:
+            raise ValueError(
+                f"--num {num} x {dim} dimensions exceeds the 2**31 values one array can hold; "
+                "sample in several calls with other --seed values."
+            )
+        if trajectories and dim != 2:
+            raise ValueError(f"--trajectories needs 2-D data; the data have {dim} dimensions.")
+        return None, num
+    if source is None:
+        raise ValueError(
+            f"the run holds a bridge from {run.config.source!r}: give --source FILE.npy with the "
+            "source points to map."
+        )
+    if trajectories:
+        raise ValueError("--trajectories is not supported for bridges.")
+    points = nd.load_dataset(os.fspath(source))
+    if points.shape[1] != dim:
+        raise ValueError(
+            f"--source points have {points.shape[1]} dimensions per example; the bridge's data "
+            f"have {dim}."
+        )
+    return run.source_transform.to_model(jnp.asarray(points, jnp.result_type(float))), len(points)
+
+
+def reference_points(reference: str | None, num: int, run):
+    """The --reference points as (N, D) vectors of the run's dimension, or None."""
+    import numpy as np
+
+    import nfdm_de as nd
+
+    if reference is None:
+        return None
+    points = nd.load_dataset(reference, split="test", num=num)
+    points = points.reshape(points.shape[0], -1)
+    dim = int(np.prod(run.model.data_shape))
+    if points.shape[1] != dim:
+        raise ValueError(
+            f"reference data have {points.shape[1]} dimensions per example; the model's data "
+            f"have {dim}."
+        )
+    return points
+
+
+def draw(run, path, samples, reference, trajectories, key, settings, title) -> None:
+    import nfdm_de as nd
+    from cli._plots import plot_samples
+
+    paths = None
+    if trajectories:
+        count = min(samples.shape[0], TRAJECTORY_PATHS)
+        _, z, _ = nd.sample_trajectories(run.model, key, count, **settings)
+        paths = run.to_data_units(z.reshape(-1, 2)).reshape(-1, count, 2)
+    plot_samples(
+        path,
+        samples,
+        title=title,
+        reference=reference,
+        trajectories=paths,
+        num_levels=run.num_levels,
+    )
