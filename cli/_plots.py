@@ -59,7 +59,7 @@ def _scatter(samples, reference, trajectories, title):
             cmap="viridis",
             s=3,
         )
-        fig.colorbar(points, ax=ax, label="time t (1 = noise, 0 = data)")
+        fig.colorbar(points, ax=ax, shrink=0.8, label="time t (1 = noise, 0 = data)")
         ax.scatter(
             *trajectories[0].T,
             marker="o",
@@ -69,7 +69,8 @@ def _scatter(samples, reference, trajectories, title):
             label="path start (t = 1)",
         )
         ax.scatter(*trajectories[-1].T, marker="x", s=14, c="tab:red", label="path end (t = 0)")
-    ax.set(title=title, xlabel="x1", ylabel="x2", aspect="equal")
+    ax.set(title=title, xlabel="x1", ylabel="x2")
+    ax.set_aspect("equal", adjustable="datalim")
     ax.legend(loc="upper right", markerscale=3, fontsize=7)
     fig.tight_layout()
     return fig
