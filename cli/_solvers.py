@@ -3,7 +3,7 @@
 import json
 import math
 import os
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -66,7 +66,7 @@ def solver_from_name(name: str, *, sde: bool):
     return table[key]()
 
 
-def fail(error: Exception) -> None:
+def fail(error: Exception) -> NoReturn:
     """One line on stderr, exit code 1, no traceback."""
     from cli._errors import fail as fail_with
 
