@@ -2,7 +2,7 @@
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -187,7 +187,7 @@ def sample(
             )
         if trajectories and dim != 2:
             raise ValueError(f"--trajectories needs 2-D data; the data have {dim} dimensions.")
-        settings = dict(
+        settings: dict[str, Any] = dict(
             solver=solver_object, steps=steps, rtol=rtol, atol=atol, sde=sde, max_steps=max_steps
         )
         # Settings errors before any work starts (and before the progress line).
@@ -195,7 +195,9 @@ def sample(
             solver_object, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, sde=sde
         )
         key = jr.key(seed)
-        is_bridge = run.source_transform is not None
+        model = run.model
+        source_transform = run.source_transform
+        is_bridge = source_transform is not None
         if source is not None and not is_bridge:
             raise ValueError(
                 f"--source maps source points through a bridge, but {str(run_dir)!r} holds an "
@@ -208,7 +210,8 @@ def sample(
             )
         if trajectories and is_bridge:
             raise ValueError("--trajectories is not supported for bridges.")
-        if is_bridge:
+        c = None  # a bridge's source points, in its model space
+        if source_transform is not None and source is not None:  # a bridge has a --source
             source_points = nd.load_dataset(os.fspath(source))
             if source_points.shape[1] != dim:
                 raise ValueError(
@@ -216,7 +219,7 @@ def sample(
                     f"bridge's data have {dim}."
                 )
             num = source_points.shape[0]
-            c = run.source_transform.to_model(jnp.asarray(source_points, jnp.result_type(float)))
+            c = source_transform.to_model(jnp.asarray(source_points, jnp.result_type(float)))
         typer.echo(
             f"{'mapping' if is_bridge else 'sampling'} {num} from {run_dir} (step {run.step}) "
             f"with {name}{' SDE' if sde else ' ODE'}",
@@ -225,10 +228,12 @@ def sample(
         # All local devices, each solving its own rows (docs/training.md, "Scaling out"); a
         # bridge maps its source points one solve each, on one device.
         mesh = nd.data_mesh()
-        if is_bridge:
-            z, stats = nd.bridge_sample(run.model, key, c, **settings)
+        if isinstance(model, nd.BridgeModel):
+            if c is None:
+                raise ValueError("a bridge run needs its source points (--source FILE.npy).")
+            z, stats = nd.bridge_sample(model, key, c, **settings)
         else:
-            z, stats = nd.sample(run.model, key, num, mesh=mesh, num_chunks=chunks, **settings)
+            z, stats = nd.sample(model, key, num, mesh=mesh, num_chunks=chunks, **settings)
         samples = _to_data_units(run, z)
         atomic_save(out_path, lambda f: np.save(f, samples))
         summary = {
@@ -254,9 +259,9 @@ def sample(
             summary["energy_distance"] = json_number(nd.energy_distance(flat, reference_data))
         if plot is not None:
             paths = None
-            if trajectories:
+            if trajectories and isinstance(model, nd.NFDM):  # bridges were refused above
                 count = min(num, _TRAJECTORY_PATHS)
-                _, path, _ = nd.sample_trajectories(run.model, key, count, **settings)
+                _, path, _ = nd.sample_trajectories(model, key, count, **settings)
                 paths = _to_data_units(run, path.reshape(-1, dim)).reshape(-1, count, dim)
             _plot(os.fspath(plot), samples, reference_data, paths, run.num_levels)
             summary["plot"] = os.fspath(plot)
