@@ -26,7 +26,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import Key, Scalar
 from ._files import check_numpy_file
-from ._image_io import ImageData
+from ._image_io import ImageData, load_digits_images
 
 try:  # The permutation grain's `shuffle` applies, one index at a time (a C++ function).
     from grain._src.python.experimental.index_shuffle.python import (
@@ -389,8 +389,6 @@ def is_file_reference(name_or_path: str) -> bool:
 # Built-in image datasets: name -> split -> ImageData. Kept apart from `DATASETS` (whose members
 # are vector sets with `sample`/`log_prob`).
 def _digits_images(split: str) -> ImageData:
-    from ._image_io import load_digits_images
-
     data = load_digits_images()
     order = np.random.default_rng(0).permutation(data.images.shape[0])  # as `_digits_split`
     num_test = data.images.shape[0] // 5
