@@ -8,14 +8,14 @@ into one line as well; `NFDM_DE_DEBUG=1` re-raises it with its traceback.
 import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
 DEBUG_VARIABLE = "NFDM_DE_DEBUG"
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """One line on stderr, exit code 1, no traceback."""
     typer.echo(f"error: {' '.join(message.split())}", err=True)
     raise typer.Exit(code=1)

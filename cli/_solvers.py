@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from typing import NoReturn
 
 import typer
 
@@ -59,7 +60,7 @@ def solver_from_name(name: str, *, sde: bool):
     return table[key]()
 
 
-def fail(error: Exception) -> None:
+def fail(error: Exception) -> NoReturn:
     """One line on stderr, exit code 1, no traceback."""
     from cli._errors import fail as fail_with
 

@@ -13,7 +13,7 @@ import os
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -118,7 +118,9 @@ def nll(
         )
     default = nd.default_nll_method(run)
     methods = _methods(method) if method is not None else (default,)
-    settings = dict(solver=solver_from_name(solver, sde=False), rtol=rtol, atol=atol, steps=steps)
+    settings: dict[str, Any] = dict(
+        solver=solver_from_name(solver, sde=False), rtol=rtol, atol=atol, steps=steps
+    )
     settings.update(max_steps=max_steps, batch_size=batch_size, num_chunks=chunks)
     nd.check_evaluation(run, methods, **settings)
     dims = math.prod(run.model.data_shape)

@@ -5,7 +5,7 @@ for a bridge), the figure `cli/_plots.py`."""
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -87,7 +87,9 @@ def sample(
     if trajectories and plot is None:
         raise ValueError("--trajectories draws on the --plot; give --plot FILE.png.")
     name = solver or ("shark" if sde else "tsit5")
-    settings = dict(solver=solver_from_name(name, sde=sde), steps=steps, rtol=rtol, atol=atol)
+    settings: dict[str, Any] = dict(
+        solver=solver_from_name(name, sde=sde), steps=steps, rtol=rtol, atol=atol
+    )
     settings.update(max_steps=max_steps, sde=sde)
     nd.check_solve_settings(**settings)
     run = nd.load_run(os.fspath(run_dir))
@@ -101,19 +103,23 @@ def sample(
     conditions, num = bridge_sources(run, source, num, trajectories)
     reference_data = reference_points(reference, num, run)
     key = jr.key(seed)
-    what = "mapping" if conditions is not None else "sampling"
+    what = "mapping" if isinstance(run.model, nd.BridgeModel) else "sampling"
     typer.echo(f"{what} {num} from {run_dir} (step {run.step}) with {name}", err=True)
     mesh = nd.data_mesh()
-    if conditions is not None:  # a bridge maps its source points one solve each, on one device
+    if isinstance(run.model, nd.BridgeModel):  # one solve per source point, on one device
+        assert conditions is not None  # bridge_sources gives a bridge its points
         z, stats = nd.bridge_sample(run.model, key, conditions, **settings)
         devices = used_chunks = 1
     else:
+        assert isinstance(run.model, nd.NFDM)
         z, stats = nd.sample(run.model, key, num, mesh=mesh, num_chunks=chunks, **settings)
         devices = int(mesh.devices.size)
         used_chunks = chunks or devices
     samples = run.to_data_units(z)
     atomic_save(out_path, lambda f: np.save(f, samples))
-    summary = dict(num=num, nfe=stats.nfe, seconds=stats.seconds, solver=name, sde=sde)
+    summary: dict[str, Any] = dict(
+        num=num, nfe=stats.nfe, seconds=stats.seconds, solver=name, sde=sde
+    )
     summary.update(steps=steps, rtol=rtol, atol=atol, accepted_steps=stats.accepted_steps)
     summary.update(rejected_steps=stats.rejected_steps, out=out_path, run_dir=os.fspath(run_dir))
     summary.update(checkpoint_step=run.step, devices=devices, chunks=used_chunks)

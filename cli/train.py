@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import sys
+from typing import Any
 
 import typer
 
@@ -91,7 +92,9 @@ def train(
     if jax.process_index() == 0:  # only process 0 reports to people
         _report(result, resolved)
     if json_output:
-        summary = dict(run_dir=result.run_dir, steps=result.steps, final_loss=result.final_loss)
+        summary: dict[str, Any] = dict(
+            run_dir=result.run_dir, steps=result.steps, final_loss=result.final_loss
+        )
         summary.update(final_terms=result.final_terms, curvature_weight=resolved.model.curvature)
         summary.update(seconds=result.seconds, resumed_from=result.resumed_from)
         summary.update(checkpoint=result.checkpoint, data=resolved.data, source=resolved.source)

@@ -61,7 +61,7 @@ import jax.random as jr
 from jaxtyping import Array, Float
 
 from ._config import ForwardChoice, ModelConfig, VolatilityChoice, check_model_config
-from ._custom_types import Data, Key, Scalar, Time
+from ._custom_types import Data, Key, Network, Scalar, Time
 from ._forward import AbstractGaussianForwardProcess, _check_delta
 from ._loss import LossBreakdown, example_loss, stratified_times
 from ._model import NFDM
@@ -117,7 +117,7 @@ class NeuralBridge(eqx.Module):
 
     def condition(self, source: Data) -> "ConditionedBridge":
         """The forward process q(z_t | x, c) for the fixed source point c = `source`."""
-        return ConditionedBridge(self, source, self.delta)
+        return ConditionedBridge(bridge=self, source=source, delta=self.delta)
 
 
 class ConditionedBridge(AbstractGaussianForwardProcess):
@@ -135,7 +135,7 @@ class ConditionedBridge(AbstractGaussianForwardProcess):
 class BridgePredictor(eqx.Module):
     """x_hat(z, t, c) = (1 - t) z + (t + delta) NN(concat(z, c), t)."""
 
-    network: eqx.Module
+    network: Network
     delta: float = 0.01
 
     def __call__(self, z: Data, t: Time, source: Data) -> Data:
@@ -148,7 +148,7 @@ class BridgePredictor(eqx.Module):
 
 
 class _ConditionedPredictor(eqx.Module):
-    predictor: eqx.Module
+    predictor: Network
     source: Data
 
     def __call__(self, z: Data, t: Time) -> Data:
@@ -163,7 +163,7 @@ class BridgeModel(eqx.Module):
     """
 
     forward: NeuralBridge
-    predictor: eqx.Module
+    predictor: Network
     volatility: AbstractVolatility
     data_shape: tuple[int, ...] = eqx.field(static=True)
 

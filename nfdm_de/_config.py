@@ -322,14 +322,19 @@ class TrainConfig:
     )
 
     @property
-    def total_steps(self) -> int:
-        """Simulation-free steps plus likelihood-phase steps (of a resolved config)."""
+    def resolved_likelihood_steps(self) -> int:
+        """`likelihood_steps` of a resolved config (a ValueError while it is automatic)."""
         if self.likelihood_steps is None:
             raise ValueError(
                 "`likelihood_steps` is still automatic (None); resolve it for the data first "
                 "(`resolve_likelihood_phase`)."
             )
-        return self.steps + self.likelihood_steps
+        return self.likelihood_steps
+
+    @property
+    def total_steps(self) -> int:
+        """Simulation-free steps plus likelihood-phase steps (of a resolved config)."""
+        return self.steps + self.resolved_likelihood_steps
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready nested dict (Enums as their string values)."""

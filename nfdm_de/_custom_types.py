@@ -5,9 +5,14 @@ Library functions work on *one example*: `Data` is a single data point of any sh
 end and t = 1 the noise end. Batches are handled by `jax.vmap` at the call sites.
 """
 
+from collections.abc import Callable
+
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 Data = Float[Array, "*shape"]
 Time = Float[ArrayLike, ""]
 Scalar = Float[Array, ""]
 Key = PRNGKeyArray
+# A network or predictor: any callable (usually an `eqx.Module`) on one example, such as
+# NN(x, t) or x_hat(z, t); its arguments depend on the role it plays.
+Network = Callable[..., Array]

@@ -14,6 +14,7 @@ import functools
 import math
 import os
 from collections.abc import Callable
+from typing import cast
 
 import equinox as eqx
 import grain
@@ -25,6 +26,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from ._custom_types import Key, Scalar
 from ._files import check_numpy_file
+from ._image_io import ImageData, load_digits_images
 
 try:  # The permutation grain's `shuffle` applies, one index at a time (a C++ function).
     from grain._src.python.experimental.index_shuffle.python import (
@@ -329,14 +331,17 @@ class Digits(AbstractDataset):
 
 def _digits_split(split: str) -> np.ndarray:
     from sklearn.datasets import load_digits
+    from sklearn.utils import Bunch
 
-    x = load_digits().data.astype(np.float64)
+    # Untyped in scikit-learn: a Bunch, or (X, y) with return_X_y=True.
+    x = cast(Bunch, load_digits()).data.astype(np.float64)
     order = np.random.default_rng(0).permutation(x.shape[0])
     num_test = x.shape[0] // 5
     return x[order[num_test:]] if split == "train" else x[order[:num_test]]
 
 
-DATASETS: dict[str, Callable[[], AbstractDataset]] = {
+# The ignore: pyright takes `eqx.AbstractClassVar` attributes for __init__ arguments.
+DATASETS: dict[str, Callable[[], AbstractDataset]] = {  # pyright: ignore[reportAssignmentType]
     cls.name: cls
     for cls in (EightGaussians, Checkerboard, TwoMoons, Spirals, Rings, GaussianMixture10D, Digits)
 }
@@ -383,17 +388,16 @@ def is_file_reference(name_or_path: str) -> bool:
 
 # Built-in image datasets: name -> split -> ImageData. Kept apart from `DATASETS` (whose members
 # are vector sets with `sample`/`log_prob`).
-def _digits_images(split: str):
-    from ._image_io import ImageData, load_digits_images
-
+def _digits_images(split: str) -> ImageData:
     data = load_digits_images()
     order = np.random.default_rng(0).permutation(data.images.shape[0])  # as `_digits_split`
     num_test = data.images.shape[0] // 5
     rows = order[num_test:] if split == "train" else order[:num_test]
-    return ImageData(data.images[rows], data.num_levels, data.labels[rows])
+    labels = None if data.labels is None else data.labels[rows]
+    return ImageData(data.images[rows], data.num_levels, labels)
 
 
-IMAGE_DATASETS: dict[str, Callable[[str], object]] = {"digits-images": _digits_images}
+IMAGE_DATASETS: dict[str, Callable[[str], ImageData]] = {"digits-images": _digits_images}
 
 
 def is_dataset_name(name: str) -> bool:
@@ -671,6 +675,8 @@ class BatchStream:
         self._next_index = 0
 
     def _indices(self, batch: int) -> np.ndarray:
+        if _grain_index_shuffle is None:
+            raise ValueError("grain's index_shuffle is unavailable: read batches through grain.")
         size = self._array.shape[0]
         indices = np.empty(self._batch_size, np.int64)
         for k, position in enumerate(
@@ -685,7 +691,10 @@ class BatchStream:
     def batch(self, index: int) -> np.ndarray:
         """Batch `index` (random access)."""
         if _grain_index_shuffle is None:
-            return self._fallback_dataset()[index]
+            batch = self._fallback_dataset()[index]
+            if batch is None:  # grain's type for a filtered-out element; these batches have none
+                raise ValueError(f"grain returned no batch {index}.")
+            return batch
         return self._array[self._indices(index)]
 
     def _fallback_dataset(self):

@@ -21,6 +21,7 @@ import numpy as np
 
 from ._custom_types import Key
 from ._likelihood import Dequantization, log_likelihood, variational_bound
+from ._model import NFDM
 from ._sharding import data_mesh, resolve_chunks
 from ._solve import SolveStats, stepping
 from ._terms import AbstractTraceEstimator, ExactTrace, Hutchinson
@@ -118,6 +119,16 @@ def _dequantization(run: LoadedRun) -> Dequantization | None:
     )
 
 
+def _unconditional_model(run: LoadedRun) -> NFDM:
+    """The run's model, which the NLL is defined for only when it is an NFDM (not a bridge)."""
+    if not isinstance(run.model, NFDM):
+        raise ValueError(
+            f"the NLL is defined for unconditional NFDMs only; this run holds a "
+            f"{type(run.model).__name__}."
+        )
+    return run.model
+
+
 def check_evaluation(
     run: LoadedRun,
     methods: tuple[NLLMethod, ...],
@@ -135,6 +146,7 @@ def check_evaluation(
     number of chunks per batch and the mesh it would use."""
     if not methods:
         raise ValueError("`methods` must name at least one NLLMethod.")
+    _unconditional_model(run)
     if NLLMethod.BOUND in methods and run.model.is_deterministic:
         raise ValueError(
             "this run's model is deterministic (g = 0): it has no variational bound; use "
@@ -191,8 +203,9 @@ def evaluate_nll(
         num_chunks=num_chunks,
         mesh=mesh,
     )
+    model = _unconditional_model(run)
     x = check_examples(run, x, "the data")
-    dims = math.prod(run.model.data_shape)
+    dims = math.prod(model.data_shape)
     trace = default_evaluation_trace(dims) if trace is None else trace
     dequantization = _dequantization(run)
     log_jacobian = 0.0 if dequantization is not None else float(run.transform.log_det())
@@ -212,7 +225,7 @@ def evaluate_nll(
         for method in methods:
             if method is NLLMethod.ODE:
                 estimate, batch_stats = log_likelihood(
-                    run.model,
+                    model,
                     model_batch,
                     key=batch_key,
                     trace=trace,
@@ -228,7 +241,7 @@ def evaluate_nll(
                 nll = -(np.asarray(estimate.value)[:count] + log_jacobian)
             else:
                 estimate, batch_stats = variational_bound(
-                    run.model,
+                    model,
                     model_batch,
                     key=batch_key,
                     num_samples=bound_samples,

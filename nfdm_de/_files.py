@@ -36,7 +36,7 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
     """Call `write` on a binary file that becomes `path` only once `write` has returned and the
     data are on disk. `path`'s directory must exist."""
     path = os.fspath(path)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float
 
-from ._custom_types import Data, Key, Scalar, Time
+from ._custom_types import Data, Key, Network, Scalar, Time
 from ._nn import MonotoneUnitInterval, TimeConditionedMLP, linear_reference_path
 
 
@@ -279,7 +279,7 @@ class NeuralGaussian(AbstractGaussianForwardProcess):
     learn x h(t)).
     """
 
-    network: eqx.Module
+    network: Network
     delta: float = 0.01
     anchor: AnchorChoice = eqx.field(default=AnchorChoice.LINEAR, static=True)
     anchor_logit: Float[Array, ""] | None = None

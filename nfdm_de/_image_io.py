@@ -24,6 +24,7 @@ import re
 import zipfile
 import zlib
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from jaxtyping import Integer, UInt8
@@ -333,8 +334,10 @@ def read_npy_images(path: str | os.PathLike) -> ImageData:
 def load_digits_images() -> ImageData:
     """scikit-learn's bundled 8x8 digits as (1797, 8, 8, 1) uint8 with 17 levels (0..16)."""
     from sklearn.datasets import load_digits
+    from sklearn.utils import Bunch
 
-    bunch = load_digits()
+    # Untyped in scikit-learn: a Bunch, or (X, y) with return_X_y=True.
+    bunch = cast(Bunch, load_digits())
     images = bunch.images.astype(np.uint8)[..., None]
     return ImageData(images, 17, bunch.target.astype(np.int64))
 

@@ -24,7 +24,7 @@ from ._loss import example_loss, importance_times
 from ._model import NFDM
 from ._sample import PER_EXAMPLE_DEFAULT
 from ._sharding import DATA_AXIS, check_divisible, map_chunks, mesh_size, resolve_chunks
-from ._solve import SolveReport, SolveStats, Stepping, report, stepping, timed
+from ._solve import SolveReport, SolveStats, Stepping, report, saved, stepping, timed
 from ._terms import AbstractTraceEstimator, ExactTrace, likelihood_term
 
 
@@ -131,7 +131,7 @@ def _likelihood_solve(
         max_steps=settings.max_steps,
         throw=False,
     )
-    z1, delta_logp = sol.ys
+    z1, delta_logp = saved(sol)
     log_prob = _standard_normal_log_prob(z1[0])[:, None] + delta_logp[0]
     return log_prob, report(sol, solver, sde=False)
 

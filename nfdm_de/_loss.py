@@ -7,6 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+from jax.typing import DTypeLike
 from jaxtyping import Array, Float
 
 from ._custom_types import Data, Key, Scalar, Time
@@ -105,14 +106,14 @@ def prior_kl(model: NFDM, key: Key, x: Data, num_samples: int = 16) -> Scalar:
     return jnp.mean(jax.vmap(log_ratio)(eps))
 
 
-def stratified_times(key: Key, batch_size: int, dtype=float) -> Float[Array, " batch"]:
+def stratified_times(key: Key, batch_size: int, dtype: DTypeLike = float) -> Float[Array, " batch"]:
     """t_i = (i + u_i) / B: one time per stratum of [0, 1], lowering the variance over t."""
     u = jr.uniform(key, (batch_size,), dtype)
     return (jnp.arange(batch_size, dtype=dtype) + u) / batch_size
 
 
 def importance_times(
-    key: Key, batch_size: int, power: float = 1.0, dtype=float
+    key: Key, batch_size: int, power: float = 1.0, dtype: DTypeLike = float
 ) -> tuple[Float[Array, " batch"], Float[Array, " batch"]]:
     """Stratified u in [0, 1], times t = u^power and weights 1/p(t) = power * u^(power - 1).
 

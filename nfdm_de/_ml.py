@@ -70,9 +70,11 @@ def ode_nll(
             f"ode_nll expects a batch of vectors of shape (batch, {model.data_shape[0]}); got "
             f"{tuple(x.shape)} (the likelihood phase supports vector data only)."
         )
-    if settings.trace.is_random and key is None:
-        raise ValueError("ode_nll with a random trace estimator (Hutchinson) needs a `key`.")
-    probes = settings.trace.probes(key, x) if settings.trace.is_random else None
+    probes = None
+    if settings.trace.is_random:
+        if key is None:
+            raise ValueError("ode_nll with a random trace estimator (Hutchinson) needs a `key`.")
+        probes = settings.trace.probes(key, x)
     # The same augmented solve as `log_likelihood` (one adaptive solve over the batch), at the
     # phase's loose tolerance; Diffrax's default adjoint backpropagates through its steps.
     steps = stepping(

@@ -6,7 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._custom_types import Data, Scalar, Time
+from ._custom_types import Data, Network, Scalar, Time
 from ._forward import AbstractForwardProcess
 from ._nn import Predictor, PredictorSkipChoice
 from ._volatility import AbstractVolatility
@@ -39,14 +39,14 @@ class NFDM(eqx.Module):
     """
 
     forward: AbstractForwardProcess
-    predictor: eqx.Module
+    predictor: Network
     volatility: AbstractVolatility
     data_shape: tuple[int, ...] = eqx.field(static=True)
 
     def __init__(
         self,
         forward: AbstractForwardProcess,
-        predictor: eqx.Module,
+        predictor: Network,
         volatility: AbstractVolatility,
         *,
         data_shape: tuple[int, ...] | None = None,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float
 
-from ._custom_types import Data, Key, Scalar, Time
+from ._custom_types import Data, Key, Network, Scalar, Time
 
 
 class FourierTimeFeatures(eqx.Module):
@@ -110,8 +110,9 @@ class TimeConditionedMLP(eqx.Module):
         self.time_features = FourierTimeFeatures(num_frequencies)
         if input_octaves < 0:
             raise ValueError(f"`input_octaves` must be >= 0; got {input_octaves}.")
-        self.input_features = FourierInputFeatures(input_octaves) if input_octaves else None
-        features_in = in_size if input_octaves == 0 else self.input_features.size(in_size)
+        input_features = FourierInputFeatures(input_octaves) if input_octaves else None
+        self.input_features = input_features
+        features_in = in_size if input_features is None else input_features.size(in_size)
         keys = jr.split(key, 2 * depth + 1)
         sizes = [features_in + self.time_features.size] + [width] * depth
         self.layers = tuple(
@@ -126,7 +127,7 @@ class TimeConditionedMLP(eqx.Module):
             output = eqx.tree_at(
                 lambda layer: (layer.weight, layer.bias),
                 output,
-                (jnp.zeros_like(output.weight), jnp.zeros_like(output.bias)),
+                (jnp.zeros_like(output.weight), jnp.zeros_like(_bias(output))),
             )
         self.output = output
 
@@ -163,26 +164,32 @@ class TimeConditionedMLP(eqx.Module):
         )
         inputs = x if self.input_features is None else self.input_features(x)
         num_inputs = inputs.shape[0]
-        h = rate = None
-        for i, (layer, projection) in enumerate(
-            zip(self.layers, self.time_projections, strict=True)
-        ):
-            if i == 0:
-                # The first layer sees [inputs, features]; only its time columns (with the
-                # projection) carry a tangent, so the two parts are multiplied apart.
-                time_weight = layer.weight[:, num_inputs:] + projection.weight
-                pre = (
-                    inputs @ layer.weight[:, :num_inputs].T + features @ time_weight.T + layer.bias
-                )
-                pre_rate = features_rate @ time_weight.T
-            else:
-                pre = h @ layer.weight.T + layer.bias + features @ projection.weight.T
-                pre_rate = rate @ layer.weight.T + features_rate @ projection.weight.T
-            gate = jax.nn.sigmoid(pre)
-            # silu(a) = a sigmoid(a); silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a))).
-            h = pre * gate
-            rate = pre_rate * (gate * (1 + pre * (1 - gate)))
-        return h @ self.output.weight.T + self.output.bias, rate @ self.output.weight.T
+        # The first layer sees [inputs, features]; only its time columns (with the projection)
+        # carry a tangent, so the two parts are multiplied apart.
+        layer, projection = self.layers[0], self.time_projections[0]
+        time_weight = layer.weight[:, num_inputs:] + projection.weight
+        pre = inputs @ layer.weight[:, :num_inputs].T + features @ time_weight.T + _bias(layer)
+        pre_rate = features_rate @ time_weight.T
+        h, rate = _silu_and_rate(pre, pre_rate)
+        for layer, projection in zip(self.layers[1:], self.time_projections[1:], strict=True):
+            pre = h @ layer.weight.T + _bias(layer) + features @ projection.weight.T
+            pre_rate = rate @ layer.weight.T + features_rate @ projection.weight.T
+            h, rate = _silu_and_rate(pre, pre_rate)
+        return h @ self.output.weight.T + _bias(self.output), rate @ self.output.weight.T
+
+
+def _silu_and_rate(pre: Array, pre_rate: Array) -> tuple[Array, Array]:
+    """silu(a) and its time derivative silu'(a) da/dt, given a = `pre` and da/dt = `pre_rate`."""
+    gate = jax.nn.sigmoid(pre)
+    # silu(a) = a sigmoid(a); silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a))).
+    return pre * gate, pre_rate * (gate * (1 + pre * (1 - gate)))
+
+
+def _bias(layer: eqx.nn.Linear | eqx.nn.Conv) -> Array:
+    """The bias of a layer built with one (Equinox types it as optional)."""
+    if layer.bias is None:
+        raise ValueError("expected a linear layer with a bias; this one has use_bias=False.")
+    return layer.bias
 
 
 class PredictorSkipChoice(enum.Enum):
@@ -225,7 +232,7 @@ class Predictor(eqx.Module):
     stored without a `predictor_skip` setting load with.
     """
 
-    network: eqx.Module
+    network: Network
     delta: float = 0.01
     skip: PredictorSkipChoice = eqx.field(default=PredictorSkipChoice.GAUSSIAN, static=True)
 

@@ -11,7 +11,7 @@ from jaxtyping import Array, Float
 from ._custom_types import Key
 from ._model import NFDM
 from ._sharding import map_chunks, mesh_size, resolve_chunks
-from ._solve import SolveReport, SolveStats, Stepping, report, stepping, timed
+from ._solve import SolveReport, SolveStats, Stepping, report, saved, stepping, timed
 from ._terms import generative_ode_term, generative_sde_terms
 
 # Measured with benchmarks/nll_batching.py: one adaptive solve carrying the whole batch is far
@@ -60,7 +60,7 @@ def _generative_solve(
         adjoint=adjoint,
         throw=False,
     )
-    return sol.ys, report(sol, solver, sde=sde)
+    return saved(sol), report(sol, solver, sde=sde)
 
 
 def _solve_batch(model, brownian_key, z1, solver, settings, sde, brownian_tol, saveat, per_example):

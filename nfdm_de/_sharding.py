@@ -84,7 +84,7 @@ def initialize_distributed(
         raise ValueError(f"the process count must be a positive integer; got {num_processes!r}.")
     if not (isinstance(process_id, int) and 0 <= process_id < num_processes):
         raise ValueError(f"the process id must be in [0, {num_processes}); got {process_id!r}.")
-    if ":" not in coordinator:
+    if not (isinstance(coordinator, str) and ":" in coordinator):
         raise ValueError(f"the coordinator address must be host:port; got {coordinator!r}.")
     if num_processes == 1:
         return False

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jaxtyping import PyTree
 
 ODE_SOLVERS: tuple[type[dfx.AbstractSolver], ...] = (
     dfx.Euler,
@@ -73,7 +74,7 @@ def evaluations(solver: dfx.AbstractSolver, *, sde: bool) -> tuple[int, int]:
         if tableau.ignore_stage_f is not None:
             stages -= int(np.sum(tableau.ignore_stage_f))
         return stages, 0
-    if isinstance(solver, dfx.AbstractERK):
+    if isinstance(solver, dfx.AbstractERK) and isinstance(solver.tableau, dfx.ButcherTableau):
         stages = len(solver.tableau.c) + 1
         # Diffrax turns FSAL off for expensive (non-ODE) terms: it then contracts every stage.
         if solver.tableau.fsal and not sde:
@@ -220,6 +221,14 @@ class SolveReport(eqx.Module):
     rejected: jax.Array
     max_steps_reached: jax.Array
     failed: jax.Array
+
+
+def saved(sol: dfx.Solution) -> PyTree:
+    """The values `sol` saved (`ys`); Diffrax types them as optional for a `SaveAt` that saves
+    nothing, which no solve here uses."""
+    if sol.ys is None:
+        raise ValueError("the solve saved no values; its SaveAt must save t1 or some ts.")
+    return sol.ys
 
 
 def report(sol: dfx.Solution, solver: dfx.AbstractSolver, *, sde: bool) -> SolveReport:

@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import equinox as eqx
 import jax
@@ -112,7 +112,7 @@ def run_schedule(config: TrainConfig) -> Callable[[int], float]:
     simulation-free steps, then for the likelihood phase a cosine decay from `likelihood_lr` to
     1% of it over `likelihood_steps` (no warm-up: the phase starts from a trained model)."""
     first = learning_rate_schedule(config.optim, config.steps)
-    peak, length = config.likelihood_lr, max(config.likelihood_steps, 1)
+    peak, length = config.likelihood_lr, max(config.resolved_likelihood_steps, 1)
 
     def schedule(step: int) -> float:
         if step < config.steps:
@@ -263,6 +263,10 @@ def _train_step(
             breakdown = LossBreakdown(nll, terms.diffusion, terms.prior, terms.reconstruction, zero)
             return nll + bound_weight * bound, breakdown
         if isinstance(model, BridgeModel):
+            if state.source_transform is None or source_batch is None:
+                raise ValueError(
+                    "a bridge's train step needs `source_batch` and the state's source_transform."
+                )
             source = state.source_transform.to_model(source_batch)
             return bridge_loss(model, loss_key, x, source, curvature_weight=curvature_weight)
         return loss(model, loss_key, x, curvature_weight=curvature_weight, time_power=time_power)
@@ -271,7 +275,9 @@ def _train_step(
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
     params = optax.apply_updates(params, updates)
-    model = eqx.combine(params, static)
+    # optax types the updated parameters as its `Params`; combined with `static` they are the
+    # model again.
+    model = cast(NFDM | BridgeModel, eqx.combine(params, static))
     # EMA whose decay warms up, so early EMA weights are not dominated by the initialisation.
     ema_step = step if ema_step is None else ema_step
     decay = jnp.minimum(ema_decay, (1.0 + ema_step) / (10.0 + ema_step))
@@ -606,7 +612,7 @@ def _load_data(config: TrainConfig) -> _Data:
 
 def _resolve_for_data(config: TrainConfig, data: _Data) -> TrainConfig:
     config = resolve_likelihood_phase(config, data.shape, discrete=data.num_levels is not None)
-    if config.likelihood_steps > 0 and (config.source is not None or len(data.shape) != 1):
+    if config.resolved_likelihood_steps > 0 and (config.source is not None or len(data.shape) != 1):
         raise ValueError(
             "the likelihood phase (likelihood_steps > 0) needs an NFDM on vector data: its exact "
             f"trace costs D network evaluations per ODE step; got data of shape {data.shape}"
@@ -630,7 +636,7 @@ class _Start:
 def _initialise(config: TrainConfig, data: _Data) -> _Start:
     transform = fit_transform(config.data, data.train)
     source_transform = None
-    if data.source is not None:
+    if config.source is not None and data.source is not None:  # a bridge
         source_transform = fit_transform(config.source, data.source)
     state = init_train_state(config, data.shape, transform, source_transform)
     return _Start(state, 0, math.nan)
@@ -684,7 +690,7 @@ def _restore(run: RunDirectory, config: TrainConfig) -> _Start | None:
 
 def _plan(config: TrainConfig, data: _Data, end: int, run_dir: str) -> str:
     phase_plan = ""
-    if config.likelihood_steps > 0:
+    if config.resolved_likelihood_steps > 0:
         # Say so up front: the phase's steps cost far more than the first phase's.
         phase_plan = (
             f" ({config.steps} simulation-free, then {config.likelihood_steps} likelihood-phase "
@@ -808,7 +814,7 @@ def _loop(
     step_fn, likelihood_fn = _compiled_steps(config, data, state, optimizer)
     # This process's share of a likelihood-phase batch: the first rows of its share of a batch.
     likelihood_rows = None
-    if config.likelihood_batch is not None and config.likelihood_steps > 0:
+    if config.likelihood_batch is not None and config.resolved_likelihood_steps > 0:
         share = process_rows(config.likelihood_batch, mesh)
         likelihood_rows = share.stop - share.start
 
@@ -927,7 +933,7 @@ def _compiled_steps(
 ) -> tuple[CompiledTrainStep, CompiledTrainStep]:
     """The simulation-free step and the likelihood-phase step, each compiled (lazily, on its
     first call) for this state's layout, so a call skips filter_jit's per-step partitioning."""
-    options = dict(
+    options: dict[str, Any] = dict(
         curvature_weight=float(config.model.curvature),
         ema_decay=float(config.optim.ema_decay),
         num_levels=data.num_levels,

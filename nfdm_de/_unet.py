@@ -27,7 +27,7 @@ from jaxtyping import Array, Float
 
 from ._custom_types import Key, Time
 from ._forward import AnchorChoice, NeuralGaussian
-from ._nn import FourierTimeFeatures, Predictor, PredictorSkipChoice
+from ._nn import FourierTimeFeatures, Predictor, PredictorSkipChoice, _bias
 
 
 def _num_groups(channels: int, max_groups: int) -> int:
@@ -192,7 +192,7 @@ class UNet(eqx.Module):
             output = eqx.tree_at(
                 lambda conv: (conv.weight, conv.bias),
                 output,
-                (jnp.zeros_like(output.weight), jnp.zeros_like(output.bias)),
+                (jnp.zeros_like(output.weight), jnp.zeros_like(_bias(output))),
             )
         self.output = output
 

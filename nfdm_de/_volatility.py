@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from ._custom_types import Key, Scalar, Time
-from ._nn import FourierTimeFeatures
+from ._nn import FourierTimeFeatures, _bias
 
 
 class AbstractVolatility(eqx.Module):
@@ -97,7 +97,7 @@ class LearnedVolatility(AbstractVolatility):
         self.output = eqx.tree_at(
             lambda layer: (layer.weight, layer.bias),
             output,
-            (jnp.zeros_like(output.weight), jnp.full_like(output.bias, bias)),
+            (jnp.zeros_like(output.weight), jnp.full_like(_bias(output), bias)),
         )
 
     def __call__(self, t: Time) -> Scalar:
