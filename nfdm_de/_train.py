@@ -791,89 +791,98 @@ def train(
     # Every process has checked the run directory (and read a checkpoint) before any writes.
     barrier("nfdm_de.train.checked")
     run.open(config, step=start.step)
-    return _loop(config, data, start, run, end, rows, mesh, progress if main else None, log)
+    stepper = _Stepper(config, data, start, rows, mesh, log)
+    return _loop(config, stepper, start, run, end, progress if main else None)
 
 
-def _loop(
-    config: TrainConfig,
-    data: _Data,
-    start: _Start,
-    run: RunDirectory,
-    end: int,
-    rows: slice,
-    mesh: jax.sharding.Mesh,
-    progress: TextIO | None,
-    log: Callable[[str], None],
-) -> TrainResult:
-    """Steps `start.step` to `end`: log every `log_every` steps, save every `save_every`."""
-    dtype = jnp.result_type(float)
-    state = replicate(start.state, mesh)
-    optimizer = make_optimizer(config.optim)
-    schedule = run_schedule(config)
-    streams = _batch_streams(config, data, start, rows)
-    step_fn, likelihood_fn = _compiled_steps(config, data, state, optimizer)
-    # This process's share of a likelihood-phase batch: the first rows of its share of a batch.
-    likelihood_rows = None
-    if config.likelihood_batch is not None and config.resolved_likelihood_steps > 0:
-        share = process_rows(config.likelihood_batch, mesh)
-        likelihood_rows = share.stop - share.start
+class _Stepper:
+    """One optimiser step of a run at a time: the step's batch (this process's rows), its
+    learning rate, and the simulation-free or the likelihood-phase step."""
 
-    def header_for(loss_value: float) -> dict[str, Any]:
+    def __init__(self, config: TrainConfig, data: _Data, start: _Start, rows: slice, mesh, log):
+        self.config, self.data, self.mesh, self.log = config, data, mesh, log
+        self.dtype = jnp.result_type(float)
+        self.optimizer = make_optimizer(config.optim)
+        self.schedule = run_schedule(config)
+        self.streams = _batch_streams(config, data, start, rows)
+        self.state = replicate(start.state, mesh)
+        self.step_fn, self.likelihood_fn = _compiled_steps(config, data, self.state, self.optimizer)
+        # This process's share of a likelihood-phase batch: the first rows of its batch share.
+        self.likelihood_rows = None
+        if config.likelihood_batch is not None and config.resolved_likelihood_steps > 0:
+            share = process_rows(config.likelihood_batch, mesh)
+            self.likelihood_rows = share.stop - share.start
+
+    def __call__(self, step: int) -> tuple[LossBreakdown, Array]:
+        """Take step `step` (0-based); the new state is `self.state`."""
+        config, mesh = self.config, self.mesh
+        host_batch = np.asarray(next(self.streams[0]), self.dtype)
+        if step >= config.steps and self.likelihood_rows is not None:
+            host_batch = host_batch[: self.likelihood_rows]
+        batch = shard_batch(host_batch, mesh)
+        # Host scalars: replicated constants of the step on every device and process.
+        lr = np.asarray(self.schedule(step), self.dtype)
+        if step < config.steps:
+            source_batch = None
+            if self.streams[1] is not None:
+                source_batch = shard_batch(np.asarray(next(self.streams[1]), self.dtype), mesh)
+            self.state, breakdown, grad_norm = self.step_fn(
+                self.state, batch, np.asarray(step), lr, source_batch=source_batch
+            )
+            return breakdown, grad_norm
+        if step == config.steps:
+            # The likelihood phase starts with a fresh Adam state: the moments of the
+            # simulation-free loss's gradients have another scale.
+            self.log(f"likelihood phase: {config.likelihood_steps} steps of ODE max. likelihood")
+            opt_state = self.optimizer.init(_params(self.state.model))
+            self.state = replicate(eqx.tree_at(lambda s: s.opt_state, self.state, opt_state), mesh)
+        self.state, breakdown, grad_norm = self.likelihood_fn(
+            self.state, batch, np.asarray(step), lr, ema_step=np.asarray(step - config.steps)
+        )
+        return breakdown, grad_norm
+
+    def header(self, loss_value: float) -> dict[str, Any]:
+        """The JSON header of a checkpoint of the current state."""
+        streams = self.streams
         return {
-            "config": config.to_dict(),
-            "data_shape": list(data.shape),
-            "dtype": str(jnp.dtype(dtype)),
-            "num_levels": data.num_levels,
+            "config": self.config.to_dict(),
+            "data_shape": list(self.data.shape),
+            "dtype": str(jnp.dtype(self.dtype)),
+            "num_levels": self.data.num_levels,
             "data_iterator": streams[0].get_state(),
             "source_iterator": None if streams[1] is None else streams[1].get_state(),
             "loss": loss_value,
         }
 
+
+def _loop(
+    config: TrainConfig,
+    stepper: _Stepper,
+    start: _Start,
+    run: RunDirectory,
+    end: int,
+    progress: TextIO | None,
+) -> TrainResult:
+    """Steps `start.step` to `end`: log every `log_every` steps, save every `save_every`."""
     step, final_loss, checkpoint = start.step, start.loss, start.checkpoint
     bar = _Progress(config.total_steps, progress, start.step)
     pending: list[tuple[int, LossBreakdown, Array]] = []
     final_terms: dict[str, float] = {}
     started = interval_start = time.perf_counter()
-    interval_steps = 0
     try:
         while step < end:
-            host_batch = np.asarray(next(streams[0]), dtype)
-            if step >= config.steps and likelihood_rows is not None:
-                host_batch = host_batch[:likelihood_rows]
-            batch = shard_batch(host_batch, mesh)
-            # Host scalars: replicated constants of the step on every device and process.
-            lr = np.asarray(schedule(step), dtype)
-            if step < config.steps:
-                source_batch = None
-                if streams[1] is not None:
-                    source_batch = shard_batch(np.asarray(next(streams[1]), dtype), mesh)
-                state, breakdown, grad_norm = step_fn(
-                    state, batch, np.asarray(step), lr, source_batch=source_batch
-                )
-            else:
-                if step == config.steps:
-                    # The likelihood phase starts with a fresh Adam state: the moments of the
-                    # simulation-free loss's gradients have another scale.
-                    log(f"likelihood phase: {config.likelihood_steps} steps of ODE max. likelihood")
-                    opt_state = optimizer.init(_params(state.model))
-                    state = replicate(eqx.tree_at(lambda s: s.opt_state, state, opt_state), mesh)
-                state, breakdown, grad_norm = likelihood_fn(
-                    state, batch, np.asarray(step), lr, ema_step=np.asarray(step - config.steps)
-                )
+            breakdown, grad_norm = stepper(step)
             step += 1
-            interval_steps += 1
             pending.append((step, breakdown, grad_norm))
             # A row at the phase boundary too, so no logged interval mixes the two objectives.
             log_now = step % config.log_every == 0 or step == config.steps
             save_now = step % config.save_every == 0 or step == end
             if not (log_now or save_now):
-                # Keep the bar moving without forcing a device sync on every step; except in the
-                # likelihood phase, whose steps are ~100x slower (a sync is nothing there, and a
-                # bar updated only every `log_every` steps would sit still for minutes).
+                # The likelihood phase's steps are ~100x slower: a device sync per step costs
+                # nothing there, and the bar would otherwise sit still for minutes.
                 if step > config.steps and bar.stream is not None:
-                    elapsed = max(time.perf_counter() - interval_start, 1e-9)
-                    loss_now = float(jax.device_get(breakdown.total))
-                    bar.update(step, loss_now, interval_steps / elapsed)
+                    rate = len(pending) / max(time.perf_counter() - interval_start, 1e-9)
+                    bar.update(step, float(jax.device_get(breakdown.total)), rate)
                 continue
             terms = jax.device_get([(b, g) for _, b, g in pending])
             totals = np.array([float(b.total) for b, _ in terms])
@@ -881,22 +890,22 @@ def _loop(
                 steps_done = [s for s, _, _ in pending]
                 raise _diverged(config, steps_done, totals, latest_checkpoint(run.checkpoints))
             now = time.perf_counter()
-            rate = interval_steps / max(now - interval_start, 1e-9)
-            record = _interval_record(config, step, terms, schedule, rate, now - started)
+            rate = len(pending) / max(now - interval_start, 1e-9)
+            record = _interval_record(config, step, terms, stepper.schedule, rate, now - started)
             final_loss = float(totals[-1])
             final_terms = {name: float(getattr(terms[-1][0], name)) for name in LOSS_TERMS}
             run.log(record)
             pending.clear()
-            interval_start, interval_steps = now, 0
+            interval_start = now
             curvature = record["curvature"] if config.model.curvature > 0 else None
             bar.update(step, record["loss"], rate, force=step == end, curvature=curvature)
             if save_now:
-                if not _tree_is_finite(state):
+                if not _tree_is_finite(stepper.state):
                     raise TrainingDiverged(
                         f"training stopped: the parameters became non-finite by step {step}; "
                         f"the last good checkpoint is {latest_checkpoint(run.checkpoints)}."
                     )
-                checkpoint = run.save(step, state, header_for(final_loss), config)
+                checkpoint = run.save(step, stepper.state, stepper.header(final_loss), config)
     finally:
         bar.close()
     return TrainResult(
@@ -906,7 +915,7 @@ def _loop(
         seconds=time.perf_counter() - started,
         resumed_from=start.step,
         checkpoint=checkpoint,
-        devices=mesh_size(mesh),
+        devices=mesh_size(stepper.mesh),
         processes=jax.process_count(),
         final_terms=final_terms,
     )
