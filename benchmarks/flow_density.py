@@ -39,7 +39,7 @@ FORWARDS = (nd.ForwardChoice.NEURAL_GAUSSIAN, nd.ForwardChoice.NEURAL_FLOW)
 
 
 def _steps_per_second(run_dir: str) -> float:
-    with open(os.path.join(run_dir, nd._run_dir.METRICS_FILE)) as f:
+    with open(os.path.join(run_dir, nd._train._run_dir.METRICS_FILE)) as f:
         records = [json.loads(line) for line in f]
     rates = [r["steps_per_sec"] for r in records[1:]] or [records[-1]["steps_per_sec"]]
     return statistics.median(rates)

@@ -20,19 +20,6 @@ from ._checkpoint import (
     read_header as read_header,
     save_checkpoint as save_checkpoint,
 )
-from ._config import (
-    FLAT_SETTINGS as FLAT_SETTINGS,
-    ForwardChoice as ForwardChoice,
-    ModelConfig as ModelConfig,
-    OptimConfig as OptimConfig,
-    ScheduleChoice as ScheduleChoice,
-    TraceChoice as TraceChoice,
-    TrainConfig as TrainConfig,
-    VolatilityChoice as VolatilityChoice,
-    build_model as build_model,
-    resolve_likelihood_phase as resolve_likelihood_phase,
-    update_config as update_config,
-)
 from ._data import (
     DATASETS as DATASETS,
     IMAGE_DATASETS as IMAGE_DATASETS,
@@ -128,7 +115,6 @@ from ._nn import (
     TimeConditionedMLP as TimeConditionedMLP,
     mlp_predictor as mlp_predictor,
 )
-from ._run_dir import read_run_config as read_run_config
 from ._sample import sample as sample, sample_trajectories as sample_trajectories
 from ._sharding import (
     data_mesh as data_mesh,
@@ -145,18 +131,44 @@ from ._terms import (
     Hutchinson as Hutchinson,
     RademacherProbe as RademacherProbe,
 )
-from ._train import (
-    CompiledTrainStep as CompiledTrainStep,
+from ._train._build import (
+    build_model as build_model,
+)
+from ._train._config import (
+    ForwardChoice as ForwardChoice,
+    ModelConfig as ModelConfig,
+    OptimConfig as OptimConfig,
+    ScheduleChoice as ScheduleChoice,
+    TraceChoice as TraceChoice,
+    TrainConfig as TrainConfig,
+    VolatilityChoice as VolatilityChoice,
+)
+from ._train._load import (
     LoadedRun as LoadedRun,
+    load_run as load_run,
+)
+from ._train._loop import (
     TrainingDiverged as TrainingDiverged,
     TrainResult as TrainResult,
-    TrainState as TrainState,
-    init_train_state as init_train_state,
+    train as train,
+)
+from ._train._optimizer import (
     learning_rate_schedule as learning_rate_schedule,
-    load_run as load_run,
     make_optimizer as make_optimizer,
     run_schedule as run_schedule,
-    train as train,
+)
+from ._train._run_dir import read_run_config as read_run_config
+from ._train._settings import (
+    FLAT_SETTINGS as FLAT_SETTINGS,
+    resolve_likelihood_phase as resolve_likelihood_phase,
+    update_config as update_config,
+)
+from ._train._state import (
+    TrainState as TrainState,
+    init_train_state as init_train_state,
+)
+from ._train._step import (
+    CompiledTrainStep as CompiledTrainStep,
     train_step as train_step,
 )
 from ._unet import (

@@ -60,7 +60,6 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float
 
-from ._config import ForwardChoice, ModelConfig, VolatilityChoice, check_model_config
 from ._custom_types import Data, Key, Network, Scalar, Time
 from ._forward import AbstractGaussianForwardProcess, _check_delta
 from ._loss import LossBreakdown, example_loss, stratified_times
@@ -68,6 +67,8 @@ from ._model import NFDM
 from ._nn import TimeConditionedMLP
 from ._sample import _generative_solve
 from ._solve import SolveStats, stepping, timed
+from ._train._build import check_model_config
+from ._train._config import ForwardChoice, ModelConfig, VolatilityChoice
 from ._volatility import (
     AbstractVolatility,
     ConstantVolatility,

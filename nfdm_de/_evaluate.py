@@ -25,7 +25,7 @@ from ._model import NFDM
 from ._sharding import data_mesh, resolve_chunks
 from ._solve import SolveStats, stepping
 from ._terms import AbstractTraceEstimator, ExactTrace, Hutchinson
-from ._train import LoadedRun
+from ._train._load import LoadedRun
 
 # The exact divergence costs D Jacobian-vector products per evaluation and adds no noise; above
 # this dimension (images) Hutchinson's one-probe estimate is the default for evaluation.

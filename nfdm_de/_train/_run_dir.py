@@ -17,9 +17,9 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ._checkpoint import list_checkpoints, save_checkpoint
+from .._checkpoint import list_checkpoints, save_checkpoint
+from .._files import atomic_write_bytes, remove_stale_temporaries
 from ._config import TrainConfig, config_differences
-from ._files import atomic_write_bytes, remove_stale_temporaries
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"

@@ -1,0 +1,58 @@
+"""The train state: model, EMA model, optimiser state, key and data transforms."""
+
+from typing import Any
+
+import equinox as eqx
+import jax.random as jr
+from jaxtyping import Array, UInt
+
+from .._bridge import BridgeModel, build_bridge_model
+from .._data import (
+    AffineDataTransform,
+)
+from .._model import NFDM
+from ._build import build_model
+from ._config import TrainConfig
+from ._optimizer import make_optimizer
+
+
+class TrainState(eqx.Module):
+    """Everything a checkpoint holds besides its JSON header (step, data-iterator state)."""
+
+    model: NFDM | BridgeModel
+    ema_model: NFDM | BridgeModel
+    opt_state: Any
+    key: UInt[Array, "..."]  # raw key data of the training stream (jr.key_data)
+    transform: AffineDataTransform
+    # A bridge's source data -> model space (None for an NFDM: no leaves, so NFDM checkpoints
+    # are unchanged).
+    source_transform: AffineDataTransform | None = None
+
+
+def _params(model):
+    return eqx.filter(model, eqx.is_inexact_array)
+
+
+def init_train_state(
+    config: TrainConfig,
+    data_shape: tuple[int, ...],
+    transform: AffineDataTransform | None = None,
+    source_transform: AffineDataTransform | None = None,
+) -> TrainState:
+    """A fresh state: model from `config.model` and `config.seed`, EMA = model, optimiser state.
+
+    With `config.source` set the model is a `BridgeModel` and the state holds the source's
+    transform too."""
+    model_key, train_key = jr.split(jr.key(config.seed))
+    if config.source is not None:
+        model = build_bridge_model(config.model, data_shape, model_key)
+        if source_transform is None:
+            source_transform = AffineDataTransform.identity(data_shape[0])
+    else:
+        model = build_model(config.model, data_shape, model_key)
+        source_transform = None
+    optimizer = make_optimizer(config.optim)
+    opt_state = optimizer.init(_params(model))
+    if transform is None:
+        transform = AffineDataTransform.identity(tuple(data_shape))
+    return TrainState(model, model, opt_state, jr.key_data(train_key), transform, source_transform)
