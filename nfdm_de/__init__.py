@@ -20,12 +20,9 @@ from ._checkpoint import (
     read_header as read_header,
     save_checkpoint as save_checkpoint,
 )
-from ._data import (
+from ._data._densities import (
     DATASETS as DATASETS,
-    IMAGE_DATASETS as IMAGE_DATASETS,
     AbstractDataset as AbstractDataset,
-    AffineDataTransform as AffineDataTransform,
-    BatchStream as BatchStream,
     Checkerboard as Checkerboard,
     Digits as Digits,
     EightGaussians as EightGaussians,
@@ -33,16 +30,40 @@ from ._data import (
     Rings as Rings,
     Spirals as Spirals,
     TwoMoons as TwoMoons,
-    batch_dataset as batch_dataset,
-    dataset_num_levels as dataset_num_levels,
-    dequantise as dequantise,
     get_dataset as get_dataset,
+    true_nll as true_nll,
+)
+from ._data._images import (
+    ImageData as ImageData,
+    as_uint8_images as as_uint8_images,
+    figure_format as figure_format,
+    load_digits_images as load_digits_images,
+    read_cifar10 as read_cifar10,
+    read_cifar10_batch as read_cifar10_batch,
+    read_idx as read_idx,
+    read_idx_images as read_idx_images,
+    read_images as read_images,
+    read_npy_images as read_npy_images,
+    read_npz_images as read_npz_images,
+    save_figure as save_figure,
+    save_image_grid as save_image_grid,
+)
+from ._data._loading import (
+    IMAGE_DATASETS as IMAGE_DATASETS,
+    dataset_num_levels as dataset_num_levels,
     is_dataset_name as is_dataset_name,
     is_file_reference as is_file_reference,
     is_image_source as is_image_source,
     load_dataset as load_dataset,
     load_images as load_images,
-    true_nll as true_nll,
+)
+from ._data._stream import (
+    BatchStream as BatchStream,
+    batch_dataset as batch_dataset,
+)
+from ._data._transform import (
+    AffineDataTransform as AffineDataTransform,
+    dequantise as dequantise,
 )
 from ._evaluate import (
     NLLMethod as NLLMethod,
@@ -67,21 +88,6 @@ from ._forward import (
     NeuralGaussian as NeuralGaussian,
     VariancePreserving as VariancePreserving,
     neural_gaussian as neural_gaussian,
-)
-from ._image_io import (
-    ImageData as ImageData,
-    as_uint8_images as as_uint8_images,
-    figure_format as figure_format,
-    load_digits_images as load_digits_images,
-    read_cifar10 as read_cifar10,
-    read_cifar10_batch as read_cifar10_batch,
-    read_idx as read_idx,
-    read_idx_images as read_idx_images,
-    read_images as read_images,
-    read_npy_images as read_npy_images,
-    read_npz_images as read_npz_images,
-    save_figure as save_figure,
-    save_image_grid as save_image_grid,
 )
 from ._likelihood import (
     Dequantization as Dequantization,

@@ -14,7 +14,7 @@ import pytest
 from helpers import IDENTITY_TOL
 
 import nfdm_de as nd
-from nfdm_de._data import check_data_array
+from nfdm_de._data._loading import check_data_array
 
 K_SIGMA = 5.0
 TWO_D = ["eight-gaussians", "checkerboard", "two-moons", "spirals", "rings"]
@@ -261,7 +261,7 @@ def test_batch_stream_is_grains_iterator_exactly(size, batch_size, rows):
 
 
 def test_batch_stream_falls_back_to_grain_when_its_shuffle_is_not_importable(monkeypatch):
-    import nfdm_de._data as data_module
+    import nfdm_de._data._stream as data_module
 
     data = np.arange(46.0).reshape(23, 2)
     direct = nd.BatchStream(data, batch_size=7, seed=2)

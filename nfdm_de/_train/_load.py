@@ -12,7 +12,7 @@ from jaxtyping import ArrayLike, Float
 
 from .._bridge import BridgeModel
 from .._checkpoint import checkpoint_path, load_checkpoint, read_header
-from .._data import (
+from .._data._transform import (
     AffineDataTransform,
 )
 from .._model import NFDM

@@ -25,7 +25,7 @@ import numpy as np
 from jaxtyping import Array
 
 from .._checkpoint import latest_checkpoint
-from .._data import (
+from .._data._stream import (
     BatchStream,
 )
 from .._loss import LossBreakdown

@@ -9,12 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._checkpoint import checkpoint_path, latest_checkpoint
-from .._data import (
+from .._data._loading import (
     IMAGE_DATASETS,
     dataset_num_levels,
-    fit_transform,
     is_file_reference,
     load_dataset,
+)
+from .._data._transform import (
+    fit_transform,
 )
 from ._config import TrainConfig
 from ._load import _load_training_checkpoint

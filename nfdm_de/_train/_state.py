@@ -7,7 +7,7 @@ import jax.random as jr
 from jaxtyping import Array, UInt
 
 from .._bridge import BridgeModel, build_bridge_model
-from .._data import (
+from .._data._transform import (
     AffineDataTransform,
 )
 from .._model import NFDM

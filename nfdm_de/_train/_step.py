@@ -13,7 +13,7 @@ import optax
 from jaxtyping import Array, ArrayLike, Float
 
 from .._bridge import BridgeModel, bridge_loss
-from .._data import (
+from .._data._transform import (
     dequantise,
 )
 from .._loss import LossBreakdown, loss

@@ -29,7 +29,7 @@ from typing import cast
 import numpy as np
 from jaxtyping import Integer, UInt8
 
-from ._files import atomic_write, check_numpy_file
+from .._files import atomic_write, check_numpy_file
 
 _CIFAR_SIDE = 32
 _CIFAR_RECORD = 1 + 3 * _CIFAR_SIDE * _CIFAR_SIDE
