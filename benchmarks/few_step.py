@@ -76,8 +76,8 @@ def main():
                 tol = None if steps is not None else 1e-4
                 z, stats = nd.sample(
                     run.model,
-                    jr.key(1000 + r),
                     args.num_samples,
+                    key=jr.key(1000 + r),
                     solver=solver,
                     steps=steps,
                     rtol=tol,

@@ -76,7 +76,7 @@ def _time_variant(forward, data, args, key):
         # `args.steps` train steps in one compiled loop, so Python dispatch is not timed.
         def body(carry, key):
             model, opt_state = carry
-            value, grads = eqx.filter_value_and_grad(lambda m: nd.loss(m, key, data)[0])(model)
+            value, grads = eqx.filter_value_and_grad(lambda m: nd.loss(m, data, key=key)[0])(model)
             updates, opt_state = optimiser.update(
                 grads, opt_state, eqx.filter(model, eqx.is_inexact_array)
             )

@@ -47,19 +47,19 @@ def solver_table():
     mean, cov = gaussian_data(jr.key(2), 2)
     model = oracle_model(FORWARDS["vp"](), mean, cov)
     key = jr.key(3)
-    reference, _ = nd.sample(model, key, 256, solver=dfx.Dopri8(), rtol=1e-12, atol=1e-12)
+    reference, _ = nd.sample(model, 256, key=key, solver=dfx.Dopri8(), rtol=1e-12, atol=1e-12)
     print("\nSampling the oracle (vp, D = 2, 256 samples): max abs error vs Dopri8 at 1e-12")
     print("\n| solver | 10 fixed steps: NFE | error | adaptive 1e-5: NFE | accepted/rejected "
           "| error |\n|---|---|---|---|---|---|")  # fmt: skip
     for solver in (dfx.Euler(), dfx.Heun(), dfx.Midpoint(), dfx.Ralston(), dfx.Bosh3(),
                    dfx.Tsit5(), dfx.Dopri5(), dfx.Dopri8()):  # fmt: skip
-        fixed, fixed_stats = nd.sample(model, key, 256, solver=solver, steps=10)
+        fixed, fixed_stats = nd.sample(model, 256, key=key, solver=solver, steps=10)
         row = f"| {type(solver).__name__} | {fixed_stats.nfe:.0f} | "
         row += f"{float(jnp.max(jnp.abs(fixed - reference))):.1e} | "
         if isinstance(solver, dfx.Euler):
             row += "- | - | - |"
         else:
-            adaptive, stats = nd.sample(model, key, 256, solver=solver, rtol=1e-5, atol=1e-5)
+            adaptive, stats = nd.sample(model, 256, key=key, solver=solver, rtol=1e-5, atol=1e-5)
             row += f"{stats.nfe:.0f} | {stats.accepted_steps:.0f}/{stats.rejected_steps:.0f} | "
             row += f"{float(jnp.max(jnp.abs(adaptive - reference))):.1e} |"
         print(row)
@@ -68,7 +68,7 @@ def solver_table():
     for solver in (dfx.Euler(), dfx.Heun()):
         errors = {}
         for steps in (16, 32, 64, 128):
-            approx, _ = nd.sample(model, key, 256, solver=solver, steps=steps)
+            approx, _ = nd.sample(model, 256, key=key, solver=solver, steps=steps)
             errors[steps] = float(jnp.max(jnp.abs(approx - reference)))
         orders = [math.log2(errors[n] / errors[2 * n]) for n in (16, 32, 64)]
         print(f"| {type(solver).__name__} | " + " | ".join(f"{o:.3f}" for o in orders) + " |")

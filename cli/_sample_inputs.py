@@ -71,7 +71,7 @@ def draw(run, path, samples, reference, trajectories, key, settings, title) -> N
     paths = None
     if trajectories:
         count = min(samples.shape[0], TRAJECTORY_PATHS)
-        _, z, _ = nd.sample_trajectories(run.model, key, count, **settings)
+        _, z, _ = nd.sample_trajectories(run.model, count, key=key, **settings)
         paths = run.to_data_units(z.reshape(-1, 2)).reshape(-1, count, 2)
     plot_samples(
         path,

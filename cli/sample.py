@@ -108,11 +108,11 @@ def sample(
     mesh = nd.data_mesh()
     if isinstance(run.model, nd.BridgeModel):  # one solve per source point, on one device
         assert conditions is not None  # bridge_sources gives a bridge its points
-        z, stats = nd.bridge_sample(run.model, key, conditions, **settings)
+        z, stats = nd.bridge_sample(run.model, conditions, key=key, **settings)
         devices = used_chunks = 1
     else:
         assert isinstance(run.model, nd.NFDM)
-        z, stats = nd.sample(run.model, key, num, mesh=mesh, num_chunks=chunks, **settings)
+        z, stats = nd.sample(run.model, num, key=key, mesh=mesh, num_chunks=chunks, **settings)
         devices = int(mesh.devices.size)
         used_chunks = chunks or devices
     samples = run.to_data_units(z)

@@ -62,7 +62,9 @@ def main(argv=None):
         ("SDE", True, dfx.Euler(), 200),
         ("ODE", False, dfx.Tsit5(), None),
     ):
-        z, stats = nd.bridge_sample(run.model, jr.key(0), c, solver=solver, steps=n_steps, sde=sde)
+        z, stats = nd.bridge_sample(
+            run.model, c, key=jr.key(0), solver=solver, steps=n_steps, sde=sde
+        )
         mapped[name] = np.asarray(run.transform.from_model(z))
         distance = float(nd.energy_distance(mapped[name], target))
         print(

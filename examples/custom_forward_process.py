@@ -84,7 +84,7 @@ def main(argv=None):
     model = state.ema_model
 
     steps = 16 if args.smoke else 64
-    samples, stats = nd.sample(model, k_sample, 1000, solver=dfx.Heun(), steps=steps)
+    samples, stats = nd.sample(model, 1000, key=k_sample, solver=dfx.Heun(), steps=steps)
     print(f"learned log-scale correction a = {jax.device_get(model.forward.log_scale_correction)}")
     print(
         f"energy distance to held-out data: {float(nd.energy_distance(samples, held_out)):.4f} "

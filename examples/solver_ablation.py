@@ -138,8 +138,8 @@ def main(argv=None):
         if tol is not None:
             kwargs.update(rtol=tol, atol=tol)
         if not args.smoke:  # time a warm call: compile first
-            nd.sample(run.model, key, args.num_samples, **kwargs)
-        z, stats = nd.sample(run.model, key, args.num_samples, **kwargs)
+            nd.sample(run.model, args.num_samples, key=key, **kwargs)
+        z, stats = nd.sample(run.model, args.num_samples, key=key, **kwargs)
         x = np.asarray(run.transform.from_model(z))
         energy = float(nd.energy_distance(x, held_out))
         discrepancy = float(nd.mmd(x, held_out))

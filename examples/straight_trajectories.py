@@ -61,7 +61,7 @@ def main(argv=None):
         run = train_or_load(name, config, args)
         steps = 8 if args.smoke else None  # adaptive Tsit5 with dense output by default
         t, z, stats = nd.sample_trajectories(
-            run.model, jr.key(args.seed + 1), args.num_paths, num_points=33, steps=steps
+            run.model, args.num_paths, key=jr.key(args.seed + 1), num_points=33, steps=steps
         )
         paths = np.asarray(run.transform.from_model(z))
         print(

@@ -221,10 +221,10 @@ def bridge_predictor(
 
 def bridge_loss(
     model: BridgeModel,
-    key: Key,
     x: Float[Array, " batch dim"],
     source: Float[Array, " source_batch source_dim"],
     *,
+    key: Key,
     curvature_weight: float = 0.0,
 ) -> tuple[Scalar, LossBreakdown]:
     """The batch objective of the module docstring: mean over pairs (x_i, c_i) of
@@ -270,9 +270,9 @@ def _bridge_core(model, key, source, solver, settings, sde, brownian_tol):
 
 def bridge_sample(
     model: BridgeModel,
-    key: Key,
     source: Float[Array, " num dim"],
     *,
+    key: Key,
     solver: dfx.AbstractSolver = dfx.Tsit5(),
     steps: int | None = None,
     rtol: float | None = None,

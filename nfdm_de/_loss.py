@@ -94,7 +94,7 @@ def example_loss(
     return LossBreakdown(total, diffusion, prior, reconstruction, curvature_term)
 
 
-def prior_kl(model: NFDM, key: Key, x: Data, num_samples: int = 16) -> Scalar:
+def prior_kl(model: NFDM, x: Data, *, key: Key, num_samples: int = 16) -> Scalar:
     """Monte Carlo estimate of KL(q(z_1|x) || N(0, I)); zero when the boundary condition holds."""
     eps = jr.normal(key, (num_samples, *x.shape), x.dtype)
     one = jnp.ones((), x.dtype)
@@ -133,9 +133,9 @@ def importance_times(
 
 def loss(
     model: NFDM,
-    key: Key,
     x: Float[Array, " batch *shape"],
     *,
+    key: Key,
     curvature_weight: float = 0.0,
     time_power: float = 1.0,
 ) -> tuple[Scalar, LossBreakdown]:

@@ -123,9 +123,9 @@ def _settings(solver, steps, rtol, atol, max_steps, sde, num):
 
 def sample(
     model: NFDM,
-    key: Key,
     num: int,
     *,
+    key: Key,
     solver: dfx.AbstractSolver = dfx.Tsit5(),
     steps: int | None = None,
     rtol: float | None = None,
@@ -194,9 +194,9 @@ def sample(
 
 def sample_trajectories(
     model: NFDM,
-    key: Key,
     num: int,
     *,
+    key: Key,
     num_points: int = 65,
     solver: dfx.AbstractSolver = dfx.Tsit5(),
     steps: int | None = None,

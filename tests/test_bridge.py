@@ -82,7 +82,7 @@ def test_gaussian_bridge_moves_source_to_target_moments(sde):
     source = m1 + jr.normal(jr.key(1), (n, 2)) @ jnp.linalg.cholesky(s1).T
     solver = dfx.Euler() if sde else dfx.Tsit5()
     steps = 400 if sde else None
-    out, _ = nd.bridge_sample(model, jr.key(2), source, solver=solver, steps=steps, sde=sde)
+    out, _ = nd.bridge_sample(model, source, key=jr.key(2), solver=solver, steps=steps, sde=sde)
     target_cov = s0 + bridge.delta**2 * jnp.eye(2)
     # Mean within 4 standard errors per coordinate.
     se_mean = jnp.sqrt(jnp.diag(target_cov) / n)
@@ -104,15 +104,17 @@ def test_bridge_loss_zero_diffusion_for_true_target_and_trains(getkey):
     model = nd.BridgeModel(bridge, predictor, nd.LearnedVolatility(key=getkey()), data_shape=(2,))
     x, c = jr.normal(getkey(), (8, 2)), 3 + jr.normal(getkey(), (8, 2))
     # Compiled, as training runs it: op by op, each small operation would compile on its own.
-    value, terms = eqx.filter_jit(nd.bridge_loss)(model, getkey(), x, c)
+    value, terms = eqx.filter_jit(nd.bridge_loss)(model, x, c, key=getkey())
     assert jnp.isfinite(value) and terms.prior == 0
     assert terms.reconstruction == pytest.approx(nd.bridge_reconstruction_nll(model))
-    grads = eqx.filter_jit(eqx.filter_grad(lambda m: nd.bridge_loss(m, jr.key(0), x, c)[0]))(model)
+    grads = eqx.filter_jit(eqx.filter_grad(lambda m: nd.bridge_loss(m, x, c, key=jr.key(0))[0]))(
+        model
+    )
     flat = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in flat)
     assert float(jnp.abs(grads.predictor.network.output.weight).max()) > 0
     with pytest.raises(ValueError, match="one shape"):
-        nd.bridge_loss(model, getkey(), x, c[:, :1])
+        nd.bridge_loss(model, x, c[:, :1], key=getkey())
 
 
 TINY = ["--steps", "10", "--batch-size", "32", "--width", "8", "--depth", "1"]

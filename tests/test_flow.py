@@ -214,7 +214,7 @@ def test_loss_terms_for_the_true_predictor_and_the_prior(flow, getkey):
         breakdown = nd.example_loss(model, x, t, jr.normal(getkey(), (DATA_SIZE,)))
         # Rounding only: the fields at x come from F (jvp) and at x_hat from F^{-1}.
         assert float(breakdown.diffusion) < IDENTITY_TOL**2 and float(breakdown.prior) == 0.0
-    assert abs(float(nd.prior_kl(model, getkey(), x))) < IDENTITY_TOL
+    assert abs(float(nd.prior_kl(model, x, key=getkey()))) < IDENTITY_TOL
 
 
 @pytest.mark.slow
@@ -240,7 +240,7 @@ def test_loss_trains_it_in_float32(getkey):
     @eqx.filter_jit
     def step(model, opt_state, key):
         batch = data[jr.choice(key, data.shape[0], (128,))]
-        value, grads = eqx.filter_value_and_grad(lambda m: nd.loss(m, key, batch)[0])(model)
+        value, grads = eqx.filter_value_and_grad(lambda m: nd.loss(m, batch, key=key)[0])(model)
         updates, opt_state = optimiser.update(
             grads, opt_state, eqx.filter(model, eqx.is_inexact_array)
         )

@@ -64,7 +64,7 @@ def test_loss_uses_the_weights(getkey):
     model = _model(getkey())
     x = jr.normal(getkey(), (8, DATA_SIZE))
     key = getkey()
-    value, breakdown = nd.loss(model, key, x, time_power=2.5)
+    value, breakdown = nd.loss(model, x, key=key, time_power=2.5)
     t_key, eps_key = jr.split(key)
     t, w = nd.importance_times(t_key, 8, 2.5, x.dtype)
     eps = jr.normal(eps_key, x.shape, x.dtype)

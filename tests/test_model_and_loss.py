@@ -33,7 +33,7 @@ def _model(key, forward=None, volatility=None, width=16):
 def test_gradients_reach_forward_predictor_and_volatility(getkey):
     model = _model(getkey())
     x = jr.normal(getkey(), (32, DATA_SIZE))
-    grads = eqx.filter_grad(lambda m: nd.loss(m, jr.key(3), x)[0])(model)
+    grads = eqx.filter_grad(lambda m: nd.loss(m, x, key=jr.key(3))[0])(model)
     forward_out = grads.forward.network.output.weight
     predictor_out = grads.predictor.network.output.weight
     volatility_out = grads.volatility.output.weight
@@ -58,7 +58,7 @@ def test_prior_term_is_zero(name, getkey):
     forward = forward_processes(jr.key(7))[name]
     model = _model(getkey(), forward=forward)
     x = 3.0 * jr.normal(getkey(), (DATA_SIZE,))
-    assert abs(float(nd.prior_kl(model, getkey(), x))) < IDENTITY_TOL
+    assert abs(float(nd.prior_kl(model, x, key=getkey()))) < IDENTITY_TOL
     assert float(nd.example_loss(model, x, 0.3, jnp.ones(DATA_SIZE)).prior) == 0.0
 
 
@@ -123,7 +123,7 @@ def test_training_lowers_the_loss(getkey):
     @eqx.filter_jit
     def step(model, opt_state, key):
         batch = data[jr.choice(key, data.shape[0], (128,))]
-        value, grads = eqx.filter_value_and_grad(lambda m: nd.loss(m, key, batch)[0])(model)
+        value, grads = eqx.filter_value_and_grad(lambda m: nd.loss(m, batch, key=key)[0])(model)
         updates, opt_state = optimiser.update(
             grads, opt_state, eqx.filter(model, eqx.is_inexact_array)
         )
@@ -132,7 +132,7 @@ def test_training_lowers_the_loss(getkey):
     @eqx.filter_jit
     def evaluate(model):
         keys = jr.split(jr.key(123), 16)
-        return jnp.mean(jax.vmap(lambda k: nd.loss(model, k, data)[0])(keys))
+        return jnp.mean(jax.vmap(lambda k: nd.loss(model, data, key=k)[0])(keys))
 
     before = float(evaluate(model))
     for i in range(300):
@@ -153,7 +153,7 @@ def test_mismatched_dimensions_are_rejected(getkey):
 def test_batch_of_wrong_shape_is_rejected(getkey):
     model = _model(getkey())
     with pytest.raises(ValueError, match=r"does not match the model's data shape"):
-        nd.loss(model, getkey(), jnp.zeros((4, DATA_SIZE + 1)))
+        nd.loss(model, jnp.zeros((4, DATA_SIZE + 1)), key=getkey())
 
 
 @pytest.mark.parametrize("floor", [0.0, -1.0])

@@ -38,7 +38,7 @@ def test_oracle_samples_have_the_analytic_moments(sde, solver, steps, getkey):
     volatility = nd.ConstantVolatility(1.0) if sde else None
     model = oracle_model(forward, mean, cov, volatility)
     kwargs = dict(steps=steps) if steps else dict(rtol=1e-4, atol=1e-4)
-    samples, stats = nd.sample(model, getkey(), 4000, solver=solver, sde=sde, **kwargs)
+    samples, stats = nd.sample(model, 4000, key=getkey(), solver=solver, sde=sde, **kwargs)
     assert samples.shape == (4000, 2)
     _moments_within_error(samples, mean, cov + forward.delta**2 * np.eye(2))
     assert stats.num == 4000 and stats.nfe > 0
@@ -50,11 +50,11 @@ def test_fixed_step_convergence_orders(getkey):
     mean, cov = gaussian_data(getkey(), 2)
     model = oracle_model(FORWARDS["vp"](), mean, cov)
     key = getkey()
-    reference, _ = nd.sample(model, key, 32, solver=dfx.Dopri8(), rtol=1e-11, atol=1e-11)
+    reference, _ = nd.sample(model, 32, key=key, solver=dfx.Dopri8(), rtol=1e-11, atol=1e-11)
     for solver, order in ((dfx.Euler(), 1.0), (dfx.Heun(), 2.0)):
         errors = []
         for steps in (32, 64):
-            approx, _ = nd.sample(model, key, 32, solver=solver, steps=steps)
+            approx, _ = nd.sample(model, 32, key=key, solver=solver, steps=steps)
             errors.append(float(jnp.max(jnp.abs(approx - reference))))
         observed = math.log2(errors[0] / errors[1])
         assert abs(observed - order) <= 0.25, (type(solver).__name__, observed)
@@ -99,7 +99,7 @@ def test_ode_nfe_matches_instrumented_count(solver_type, steps, getkey):
     kwargs = dict(steps=steps) if steps else dict(rtol=1e-6, atol=1e-6)
     key = getkey()
     # Callbacks run when the compiled solve runs, not while it is traced: one call suffices.
-    _, stats = nd.sample(model, key, 3, solver=solver_type(), **kwargs)
+    _, stats = nd.sample(model, 3, key=key, solver=solver_type(), **kwargs)
     assert stats.nfe == counter[0]
     if steps is None:
         assert stats.accepted_steps + stats.rejected_steps > 1
@@ -123,7 +123,7 @@ def test_sde_nfe_matches_instrumented_count(solver_type, steps, getkey):
     model, counter = _counting_model(getkey, nd.ConstantVolatility(1.0))
     kwargs = dict(steps=steps) if steps else dict(rtol=1e-3, atol=1e-3)
     key = getkey()
-    _, stats = nd.sample(model, key, 3, solver=solver_type(), sde=True, **kwargs)
+    _, stats = nd.sample(model, 3, key=key, solver=solver_type(), sde=True, **kwargs)
     assert stats.nfe == counter[0]
     if steps is None:
         assert stats.rejected_steps >= 0 and stats.accepted_steps > 1
@@ -160,19 +160,19 @@ def test_fixed_step_sde_does_not_build_a_virtual_brownian_tree(getkey, monkeypat
 
     monkeypatch.setattr(dfx, "VirtualBrownianTree", refuse)
     key = getkey()
-    first, _ = nd.sample(model, key, 8, solver=dfx.Euler(), sde=True, steps=10)
-    again, _ = nd.sample(model, key, 8, solver=dfx.Euler(), sde=True, steps=10)
+    first, _ = nd.sample(model, 8, key=key, solver=dfx.Euler(), sde=True, steps=10)
+    again, _ = nd.sample(model, 8, key=key, solver=dfx.Euler(), sde=True, steps=10)
     assert jnp.array_equal(first, again)  # reproducible from the key
     with pytest.raises(AssertionError, match="VirtualBrownianTree"):
-        nd.sample(model, key, 8, solver=dfx.ShARK(), sde=True, rtol=1e-3, atol=1e-3)
+        nd.sample(model, 8, key=key, solver=dfx.ShARK(), sde=True, rtol=1e-3, atol=1e-3)
 
 
 def test_trajectories_end_at_the_samples(getkey):
     mean, cov = gaussian_data(getkey(), 2)
     model = oracle_model(FORWARDS["linear"](), mean, cov)
     key = getkey()
-    samples, _ = nd.sample(model, key, 4, solver=dfx.Heun(), steps=8)
-    t, path, _ = nd.sample_trajectories(model, key, 4, num_points=9, solver=dfx.Heun(), steps=8)
+    samples, _ = nd.sample(model, 4, key=key, solver=dfx.Heun(), steps=8)
+    t, path, _ = nd.sample_trajectories(model, 4, key=key, num_points=9, solver=dfx.Heun(), steps=8)
     assert path.shape == (9, 4, 2) and float(t[0]) == 1.0 and float(t[-1]) == 0.0
     assert float(jnp.max(jnp.abs(path[-1] - samples))) <= 1e-8
 
@@ -182,18 +182,18 @@ def test_bad_sampler_settings(getkey):
     model = oracle_model(FORWARDS["linear"](), mean, cov, nd.ConstantVolatility(1.0))
     key = getkey()
     with pytest.raises(ValueError, match="not both"):
-        nd.sample(model, key, 2, steps=4, rtol=1e-3)
+        nd.sample(model, 2, key=key, steps=4, rtol=1e-3)
     with pytest.raises(ValueError, match="fixed-step solver"):
-        nd.sample(model, key, 2, solver=dfx.Euler(), rtol=1e-3)
+        nd.sample(model, 2, key=key, solver=dfx.Euler(), rtol=1e-3)
     with pytest.raises(ValueError, match="step count"):
-        nd.sample(model, key, 2, solver=dfx.Euler())
+        nd.sample(model, 2, key=key, solver=dfx.Euler())
     with pytest.raises(ValueError, match="fixed-step solver"):
-        nd.sample(model, key, 2, solver=dfx.SEA(), sde=True, atol=1e-3)
+        nd.sample(model, 2, key=key, solver=dfx.SEA(), sde=True, atol=1e-3)
     with pytest.raises(ValueError, match="positive"):
-        nd.sample(model, key, 2, rtol=-1.0)
+        nd.sample(model, 2, key=key, rtol=-1.0)
     with pytest.raises(ValueError, match="not a supported SDE solver"):
-        nd.sample(model, key, 2, solver=dfx.Tsit5(), sde=True, steps=4)
+        nd.sample(model, 2, key=key, solver=dfx.Tsit5(), sde=True, steps=4)
     with pytest.raises(ValueError, match="num"):
-        nd.sample(model, key, 0)
+        nd.sample(model, 0, key=key)
     with pytest.raises(RuntimeError, match="max_steps"):
-        nd.sample(model, key, 2, rtol=1e-12, atol=1e-12, max_steps=2)
+        nd.sample(model, 2, key=key, rtol=1e-12, atol=1e-12, max_steps=2)

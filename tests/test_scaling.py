@@ -222,7 +222,7 @@ def test_chunks_are_independent_solves(getkey):
     with pytest.raises(ValueError, match="6 does not split into 4"):
         nd.log_likelihood(model, x, num_chunks=4)
     with pytest.raises(ValueError, match="`num` 5 does not split into 2"):
-        nd.sample(model, getkey(), 5, num_chunks=2)
+        nd.sample(model, 5, key=getkey(), num_chunks=2)
 
 
 def test_distributed_settings_are_checked(monkeypatch):

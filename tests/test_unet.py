@@ -144,7 +144,7 @@ def _unet_model(key, forward=None):
 @eqx.filter_jit
 def _loss_and_grad(model, key, x):
     # Shared by the tests below, so the NFDM's loss and gradient compile once.
-    return eqx.filter_value_and_grad(lambda m: nd.loss(m, key, x)[0])(model)
+    return eqx.filter_value_and_grad(lambda m: nd.loss(m, x, key=key)[0])(model)
 
 
 def test_gradients_reach_every_layer(getkey):

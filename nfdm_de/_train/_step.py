@@ -70,7 +70,7 @@ def _train_step(
             # drifts up by nats, and refitting g alone afterwards recovered little of it. A
             # small weight on the bound keeps it (docs/training.md).
             bound_key = jr.fold_in(loss_key, 1)
-            bound, terms = loss(model, bound_key, x, time_power=time_power)
+            bound, terms = loss(model, x, key=bound_key, time_power=time_power)
             breakdown = LossBreakdown(nll, terms.diffusion, terms.prior, terms.reconstruction, zero)
             return nll + bound_weight * bound, breakdown
         if isinstance(model, BridgeModel):
@@ -79,8 +79,10 @@ def _train_step(
                     "a bridge's train step needs `source_batch` and the state's source_transform."
                 )
             source = state.source_transform.to_model(source_batch)
-            return bridge_loss(model, loss_key, x, source, curvature_weight=curvature_weight)
-        return loss(model, loss_key, x, curvature_weight=curvature_weight, time_power=time_power)
+            return bridge_loss(model, x, source, key=loss_key, curvature_weight=curvature_weight)
+        return loss(
+            model, x, key=loss_key, curvature_weight=curvature_weight, time_power=time_power
+        )
 
     (_, breakdown), grads = jax.value_and_grad(objective, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
