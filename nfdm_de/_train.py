@@ -140,7 +140,7 @@ def _optimizer(
 ) -> optax.GradientTransformation:
     parts = [
         optax.clip_by_global_norm(clip),
-        optax.scale_by_adam(),
+        _standard_promotion(optax.scale_by_adam()),
         optax.add_decayed_weights(weight_decay),
     ]
     # Only when asked: an extra link would change the optimiser state's structure, and with it
@@ -148,6 +148,20 @@ def _optimizer(
     if forward_network_lr_scale != 1.0:
         parts.append(_scale_forward_network(forward_network_lr_scale))
     return optax.chain(*parts)
+
+
+def _standard_promotion(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` with its update traced under JAX's standard dtype promotion.
+
+    optax's Adam raises its Python-float decay rates to its int32 step count (bias correction),
+    which strict promotion refuses; under standard promotion, JAX's default, that is a float of
+    the default dtype. Its state, and so every checkpoint's layout, is `inner`'s own."""
+
+    def update(updates, state, params=None):
+        with jax.numpy_dtype_promotion("standard"):
+            return inner.update(updates, state, params)
+
+    return optax.GradientTransformation(inner.init, update)
 
 
 def _scale_forward_network(scale: float) -> optax.GradientTransformation:
@@ -274,11 +288,17 @@ def _train_step(
     model = eqx.combine(params, static)
     # EMA whose decay warms up, so early EMA weights are not dominated by the initialisation.
     ema_step = step if ema_step is None else ema_step
+    # The step is an integer; the decay is computed in the default float dtype and applied in
+    # each parameter's own, as standard promotion would (strict promotion refuses both mixes).
+    ema_step = jnp.asarray(ema_step).astype(jnp.result_type(float))
     decay = jnp.minimum(ema_decay, (1.0 + ema_step) / (10.0 + ema_step))
     ema_params, ema_static = eqx.partition(state.ema_model, eqx.is_inexact_array)
-    ema_params = jax.tree.map(
-        lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), ema_params, params
-    )
+
+    def average(e, p):
+        d = decay.astype(e.dtype)
+        return (d * e + (1 - d) * p).astype(e.dtype)
+
+    ema_params = jax.tree.map(average, ema_params, params)
     ema_model = eqx.combine(ema_params, ema_static)
     new_state = TrainState(
         model, ema_model, opt_state, state.key, state.transform, state.source_transform
