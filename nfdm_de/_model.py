@@ -74,9 +74,13 @@ class NFDM(eqx.Module):
 
     def _check_shapes(self) -> None:
         # Trace (without computing) one velocity and one forward-process evaluation, so that
-        # networks built for another dimension fail here with a clear message.
-        z = jax.ShapeDtypeStruct(self.data_shape, jnp.result_type(float))
-        t = jax.ShapeDtypeStruct((), jnp.result_type(float))
+        # networks built for another dimension fail here with a clear message. In the
+        # parameters' dtype when they share one (a float32 model in a float64 process): strict
+        # dtype promotion refuses a float64 probe through float32 weights.
+        dtypes = {leaf.dtype for leaf in jax.tree.leaves(eqx.filter(self, eqx.is_inexact_array))}
+        dtype = dtypes.pop() if len(dtypes) == 1 else jnp.result_type(float)
+        z = jax.ShapeDtypeStruct(self.data_shape, dtype)
+        t = jax.ShapeDtypeStruct((), dtype)
         try:
             out = eqx.filter_eval_shape(lambda m, z, t: m.velocity(z, t), self, z, t)
         except (ValueError, TypeError) as error:

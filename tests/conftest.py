@@ -12,6 +12,11 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".jax_cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# Strict dtype promotion, as Diffrax and Equinox test: mixing two concrete dtypes is an error, so
+# an implicit float32 * float64 in the library fails here instead of silently promoting (users
+# may run strict too). Python scalars stay weakly typed and are allowed. The environment carries
+# it to the CLI, example and benchmark subprocesses the tests launch.
+os.environ["JAX_NUMPY_DTYPE_PROMOTION"] = "strict"
 
 import jax  # noqa: E402
 import jax.random as jr
@@ -23,7 +28,7 @@ jax.config.update(
     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
 )
 jax.config.update("jax_enable_x64", True)
-jax.config.update("jax_numpy_dtype_promotion", "standard")
+jax.config.update("jax_numpy_dtype_promotion", os.environ["JAX_NUMPY_DTYPE_PROMOTION"])
 
 
 @pytest.fixture

@@ -241,9 +241,11 @@ def test_loss_trains_it_in_float32(getkey):
     def step(model, opt_state, key):
         batch = data[jr.choice(key, data.shape[0], (128,))]
         value, grads = eqx.filter_value_and_grad(lambda m: nd.loss(m, batch, key=key)[0])(model)
-        updates, opt_state = optimiser.update(
-            grads, opt_state, eqx.filter(model, eqx.is_inexact_array)
-        )
+        # optax's Adam raises a Python float to its int32 step count: not strict-safe.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimiser.update(
+                grads, opt_state, eqx.filter(model, eqx.is_inexact_array)
+            )
         return eqx.apply_updates(model, updates), opt_state, value, grads
 
     values = []

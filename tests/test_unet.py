@@ -174,7 +174,9 @@ def test_nfdm_with_unets_trains_on_digits(getkey):
 
     @eqx.filter_jit
     def update(model, state, grads):
-        updates, state = optimiser.update(grads, state, eqx.filter(model, eqx.is_inexact_array))
+        # optax's Adam raises a Python float to its int32 step count: not strict-safe.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, state = optimiser.update(grads, state, eqx.filter(model, eqx.is_inexact_array))
         return eqx.apply_updates(model, updates), state
 
     before = evaluate(model)

@@ -72,7 +72,7 @@ def _optimizer(
 ) -> optax.GradientTransformation:
     parts = [
         optax.clip_by_global_norm(clip),
-        optax.scale_by_adam(),
+        _standard_promotion(optax.scale_by_adam()),
         optax.add_decayed_weights(weight_decay),
     ]
     # Only when asked: an extra link would change the optimiser state's structure, and with it
@@ -80,6 +80,20 @@ def _optimizer(
     if forward_network_lr_scale != 1.0:
         parts.append(_scale_forward_network(forward_network_lr_scale))
     return optax.chain(*parts)
+
+
+def _standard_promotion(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` with its update traced under JAX's standard dtype promotion.
+
+    optax's Adam raises its Python-float decay rates to its int32 step count (bias correction),
+    which strict promotion refuses; under standard promotion, JAX's default, that is a float of
+    the default dtype. Its state, and so every checkpoint's layout, is `inner`'s own."""
+
+    def update(updates, state, params=None):
+        with jax.numpy_dtype_promotion("standard"):
+            return inner.update(updates, state, params)
+
+    return optax.GradientTransformation(inner.init, update)
 
 
 def _scale_forward_network(scale: float) -> optax.GradientTransformation:

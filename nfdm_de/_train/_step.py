@@ -93,11 +93,17 @@ def _train_step(
     model = cast(NFDM | BridgeModel, eqx.combine(params, static))
     # EMA whose decay warms up, so early EMA weights are not dominated by the initialisation.
     ema_step = step if ema_step is None else ema_step
+    # The step is an integer; the decay is computed in the default float dtype and applied in
+    # each parameter's own, as standard promotion would (strict promotion refuses both mixes).
+    ema_step = jnp.asarray(ema_step).astype(jnp.result_type(float))
     decay = jnp.minimum(ema_decay, (1.0 + ema_step) / (10.0 + ema_step))
     ema_params, ema_static = eqx.partition(state.ema_model, eqx.is_inexact_array)
-    ema_params = jax.tree.map(
-        lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), ema_params, params
-    )
+
+    def average(e, p):
+        d = decay.astype(e.dtype)
+        return (d * e + (1 - d) * p).astype(e.dtype)
+
+    ema_params = jax.tree.map(average, ema_params, params)
     ema_model = eqx.combine(ema_params, ema_static)
     new_state = TrainState(
         model, ema_model, opt_state, state.key, state.transform, state.source_transform
