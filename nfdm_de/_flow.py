@@ -33,8 +33,8 @@ from ._forward import (
     AbstractGaussianForwardProcess,
     LinearInterpolant,
     _check_delta,
-    _standard_normal_log_prob,
     neural_gaussian,
+    standard_normal_log_prob,
 )
 from ._nn import TimeConditionedMLP
 
@@ -331,7 +331,7 @@ class NeuralFlow(AbstractForwardProcess):
 
     def _log_prob(self, z: Array, t: Array, x: Array) -> Array:
         eps, log_det = self._inverse_and_log_det(z, t, x)
-        return _standard_normal_log_prob(eps) + log_det
+        return standard_normal_log_prob(eps) + log_det
 
     def _velocity_and_score(self, z: Array, t: Array, x: Array) -> tuple[Array, Array]:
         # z = mu + sigma * u with u = G(eps): the anchor's moments and their rates in one JVP.
@@ -341,7 +341,7 @@ class NeuralFlow(AbstractForwardProcess):
 
         def log_density(u):
             eps, log_det = self._flow_inverse(u, t, x)
-            return _standard_normal_log_prob(eps) + log_det, eps
+            return standard_normal_log_prob(eps) + log_det, eps
 
         # The anchor's log-determinant, -sum(log sigma), does not depend on z.
         grad_u, eps = jax.grad(log_density, has_aux=True)(u)

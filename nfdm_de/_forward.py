@@ -27,7 +27,8 @@ from ._custom_types import Data, Key, Network, Scalar, Time
 from ._nn import MonotoneUnitInterval, TimeConditionedMLP, linear_reference_path
 
 
-def _standard_normal_log_prob(eps: Array) -> Array:
+def standard_normal_log_prob(eps: Array) -> Array:
+    """log N(eps; 0, I) of one example (any shape)."""
     return -0.5 * jnp.sum(eps**2) - 0.5 * eps.size * math.log(2 * math.pi)
 
 
@@ -64,7 +65,7 @@ class AbstractForwardProcess(eqx.Module):
 
     def log_prob(self, z: Data, t: Time, x: Data) -> Scalar:
         """log q(z_t = z | x) = log N(F^{-1}(z); 0, I) + log |det dF^{-1}/dz|."""
-        return _standard_normal_log_prob(self.inverse(z, t, x)) + self.log_det_inverse(z, t, x)
+        return standard_normal_log_prob(self.inverse(z, t, x)) + self.log_det_inverse(z, t, x)
 
     def sample(self, key: Key, t: Time, x: Data) -> Data:
         """Draw z_t ~ q(z_t | x)."""

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Shaped
 
 from ._custom_types import Key
+from ._forward import standard_normal_log_prob
 from ._loss import example_loss, importance_times
 from ._model import NFDM
 from ._sample import PER_EXAMPLE_DEFAULT
@@ -92,9 +93,15 @@ def _check_discrete(x: Array, dequantization: Dequantization) -> None:
         )
 
 
-def _standard_normal_log_prob(z: Array) -> Array:
-    flat = z.reshape(z.shape[0], -1)
-    return -0.5 * jnp.sum(flat**2, axis=1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
+def _continuous(model, x: Array, dequantization: "Dequantization | None", key: Key):
+    """(x in model space, the log-density offset): integer data dequantized (with the change of
+    variables' offset), anything else as floats of the default dtype (offset 0)."""
+    if dequantization is None:
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            x = x.astype(jnp.result_type(float))
+        return x, 0.0
+    _check_discrete(x, dequantization)
+    return dequantization(key, x), dequantization.offset(model.data_shape)
 
 
 def _estimate(samples: Array, random: bool) -> Estimate:
@@ -132,7 +139,7 @@ def _likelihood_solve(
         throw=False,
     )
     z1, delta_logp = saved(sol)
-    log_prob = _standard_normal_log_prob(z1[0])[:, None] + delta_logp[0]
+    log_prob = jax.vmap(standard_normal_log_prob)(z1[0])[:, None] + delta_logp[0]
     return log_prob, report(sol, solver, sde=False)
 
 
@@ -215,16 +222,10 @@ def log_likelihood(
     settings = stepping(solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, sde=False)
     if (trace.is_random or dequantization is not None) and key is None:
         raise ValueError("A `key` is needed for Hutchinson probes and for dequantization.")
-    offset = 0.0
     if key is None:
         key = jr.key(0)  # unused: nothing random
     probe_key, dequantization_key = jr.split(key)
-    if dequantization is not None:
-        _check_discrete(x, dequantization)
-        x = dequantization(dequantization_key, x)
-        offset = dequantization.offset(model.data_shape)
-    elif not jnp.issubdtype(x.dtype, jnp.inexact):
-        x = x.astype(jnp.result_type(float))
+    x, offset = _continuous(model, x, dequantization, dequantization_key)
     num = x.shape[0]
     num_chunks = resolve_chunks(num, mesh, num_chunks, "the batch size")
     # One device: the plain solve (bit-identical to no mesh at all).
@@ -296,13 +297,7 @@ def variational_bound(
     if not (isinstance(num_samples, int) and num_samples >= 2):
         raise ValueError(f"`num_samples` must be an integer >= 2; got {num_samples!r}.")
     key, dequantization_key = jr.split(key)
-    offset = 0.0
-    if dequantization is not None:
-        _check_discrete(x, dequantization)
-        x = dequantization(dequantization_key, x)
-        offset = dequantization.offset(model.data_shape)
-    elif not jnp.issubdtype(x.dtype, jnp.inexact):
-        x = x.astype(jnp.result_type(float))
+    x, offset = _continuous(model, x, dequantization, dequantization_key)
     if mesh is not None:
         check_divisible(x.shape[0], mesh, "the batch size")
         x = jax.device_put(x, NamedSharding(mesh, P(DATA_AXIS)))

@@ -11,7 +11,7 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, Float
 
 from ._custom_types import Data, Key, Scalar, Time
-from ._forward import _standard_normal_log_prob
+from ._forward import standard_normal_log_prob
 from ._model import NFDM
 
 
@@ -101,7 +101,7 @@ def prior_kl(model: NFDM, x: Data, *, key: Key, num_samples: int = 16) -> Scalar
 
     def log_ratio(e):
         z1 = model.forward.transform(e, one, x)
-        return model.forward.log_prob(z1, one, x) - _standard_normal_log_prob(z1)
+        return model.forward.log_prob(z1, one, x) - standard_normal_log_prob(z1)
 
     return jnp.mean(jax.vmap(log_ratio)(eps))
 
