@@ -115,6 +115,22 @@ def _sample_core(
     return ys.reshape(ys.shape[0], num, *ys.shape[3:]), rep
 
 
+def _timed_solve(
+    model, key, num, solver, settings, sde, brownian_tol, saveat, per_example, chunks=1, mesh=None
+):
+    """`_sample_core` with its wall time and NFE as `SolveStats`."""
+    args = (model, key, num, solver, settings, sde, brownian_tol, saveat, per_example, chunks)
+    return timed(
+        _sample_core,
+        *args,
+        mesh,
+        num=num,
+        solver=solver,
+        settings=settings,
+        per_example=per_example,
+    )
+
+
 def _settings(solver, steps, rtol, atol, max_steps, sde, num):
     if not (isinstance(num, int) and num >= 1):
         raise ValueError(f"`num` must be a positive integer; got {num!r}.")
@@ -171,23 +187,8 @@ def sample(
     # One device: the plain solve (bit-identical to no mesh at all).
     mesh = None if mesh is None or mesh_size(mesh) == 1 else mesh
     saveat = dfx.SaveAt(t1=True)
-    ys, stats = timed(
-        _sample_core,
-        model,
-        key,
-        num,
-        solver,
-        settings,
-        sde,
-        brownian_tol,
-        saveat,
-        per_example,
-        num_chunks,
-        mesh,
-        num=num,
-        solver=solver,
-        settings=settings,
-        per_example=per_example,
+    ys, stats = _timed_solve(
+        model, key, num, solver, settings, sde, brownian_tol, saveat, per_example, num_chunks, mesh
     )
     return ys[0], stats
 
@@ -215,20 +216,6 @@ def sample_trajectories(
         raise ValueError(f"`num_points` must be an integer >= 2; got {num_points!r}.")
     settings = _settings(solver, steps, rtol, atol, max_steps, sde, num)
     s = jnp.linspace(0.0, 1.0, num_points)
-    ys, stats = timed(
-        _sample_core,
-        model,
-        key,
-        num,
-        solver,
-        settings,
-        sde,
-        brownian_tol,
-        dfx.SaveAt(ts=s),
-        False,
-        num=num,
-        solver=solver,
-        settings=settings,
-        per_example=False,
-    )
+    saveat = dfx.SaveAt(ts=s)
+    ys, stats = _timed_solve(model, key, num, solver, settings, sde, brownian_tol, saveat, False)
     return 1 - s, ys, stats
