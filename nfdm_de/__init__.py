@@ -111,7 +111,7 @@ from ._ml import (
     ode_nll as ode_nll,
     ode_nll_loss as ode_nll_loss,
 )
-from ._model import NFDM as NFDM
+from ._model import NFDM as NFDM, AbstractDiffusionModel as AbstractDiffusionModel
 from ._nn import (
     FourierInputFeatures as FourierInputFeatures,
     FourierTimeFeatures as FourierTimeFeatures,
@@ -200,6 +200,7 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
 __all__ = [
     # models and processes
     "NFDM",
+    "AbstractDiffusionModel",
     "AbstractForwardProcess",
     "AbstractGaussianForwardProcess",
     "LinearInterpolant",

@@ -63,17 +63,14 @@ from jaxtyping import Array, Float
 from ._custom_types import Data, Key, Network, Scalar, Time
 from ._forward import AbstractGaussianForwardProcess, _check_delta
 from ._loss import LossBreakdown, example_loss, stratified_times
-from ._model import NFDM
+from ._model import NFDM, AbstractDiffusionModel
 from ._nn import TimeConditionedMLP
 from ._sample import _generative_solve
 from ._solve import SolveStats, stepping, timed
-from ._train._build import check_model_config
-from ._train._config import ForwardChoice, ModelConfig, VolatilityChoice
+from ._train._build import _VOLATILITY_BUILDERS, check_model_config
+from ._train._config import ForwardChoice, ModelConfig
 from ._volatility import (
     AbstractVolatility,
-    ConstantVolatility,
-    LearnedVolatility,
-    ZeroVolatility,
 )
 
 
@@ -156,7 +153,7 @@ class _ConditionedPredictor(eqx.Module):
         return self.predictor(z, t, self.source)
 
 
-class BridgeModel(eqx.Module):
+class BridgeModel(AbstractDiffusionModel):
     """A bridge: forward family, source-aware predictor x_hat(z, t, c), volatility g(t).
 
     `conditioned(c)` is the ordinary `NFDM` for one source point c, so the loss, the fields and
@@ -167,14 +164,6 @@ class BridgeModel(eqx.Module):
     predictor: Network
     volatility: AbstractVolatility
     data_shape: tuple[int, ...] = eqx.field(static=True)
-
-    @property
-    def delta(self) -> float:
-        return self.forward.delta
-
-    @property
-    def is_deterministic(self) -> bool:
-        return self.volatility.is_zero
 
     def conditioned(self, source: Data) -> NFDM:
         """The NFDM of q(. | x, c) and p(. | c) for the source point c = `source`."""
@@ -319,6 +308,19 @@ def bridge_reconstruction_nll(model: BridgeModel) -> float:
 _BRIDGE_FORWARDS = {ForwardChoice.NEURAL_GAUSSIAN: True, ForwardChoice.LINEAR: False}
 
 
+# Settings of the NFDM's networks that the bridge family (`neural_bridge`, `bridge_predictor`)
+# has no counterpart for.
+_UNUSED_BY_BRIDGES = (
+    "forward_width",
+    "forward_depth",
+    "input_octaves",
+    "forward_input_octaves",
+    "forward_anchor",
+    "predictor_skip",
+    "channels",
+)
+
+
 def build_bridge_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> BridgeModel:
     """The `BridgeModel` described by `config` (forward `neural-gaussian`: the learned bridge;
     `linear`: the fixed bridge) for vectors of shape `data_shape`."""
@@ -332,6 +334,15 @@ def build_bridge_model(config: ModelConfig, data_shape: tuple[int, ...], key: Ke
         )
     learnable = _BRIDGE_FORWARDS[config.forward]
     check_model_config(config, forward_is_learnable=learnable)
+    defaults = ModelConfig()
+    unused = [
+        name for name in _UNUSED_BY_BRIDGES if getattr(config, name) != getattr(defaults, name)
+    ]
+    if unused:
+        raise ValueError(
+            f"a bridge (--source) does not use {', '.join(unused)}: its networks are the "
+            "reference MLPs of --width and --depth; leave those settings at their defaults."
+        )
     size = data_shape[0]
     forward_key, predictor_key, volatility_key = jr.split(key, 3)
     forward = neural_bridge(
@@ -345,11 +356,5 @@ def build_bridge_model(config: ModelConfig, data_shape: tuple[int, ...], key: Ke
     predictor = bridge_predictor(
         size, width=config.width, depth=config.depth, delta=config.delta, key=predictor_key
     )
-    volatility = {
-        VolatilityChoice.LEARNED: lambda: LearnedVolatility(
-            initial=config.volatility_value, key=volatility_key
-        ),
-        VolatilityChoice.CONSTANT: lambda: ConstantVolatility(config.volatility_value),
-        VolatilityChoice.ZERO: lambda: ZeroVolatility(),
-    }[config.volatility]()
+    volatility = _VOLATILITY_BUILDERS[config.volatility](config, volatility_key)
     return BridgeModel(forward, predictor, volatility, data_shape=data_shape)

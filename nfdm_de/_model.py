@@ -12,7 +12,27 @@ from ._nn import Predictor, PredictorSkipChoice
 from ._volatility import AbstractVolatility
 
 
-class NFDM(eqx.Module):
+class AbstractDiffusionModel(eqx.Module):
+    """What NFDM and a bridge share: a forward process, a predictor and a volatility g(t) on
+    examples of `data_shape`."""
+
+    forward: eqx.AbstractVar[AbstractForwardProcess]
+    predictor: eqx.AbstractVar[Network]
+    volatility: eqx.AbstractVar[AbstractVolatility]
+    data_shape: eqx.AbstractVar[tuple[int, ...]]
+
+    @property
+    def delta(self) -> float:
+        """The forward process's delta: the data-end noise scale."""
+        return self.forward.delta
+
+    @property
+    def is_deterministic(self) -> bool:
+        """g = 0: the generative SDE is the probability-flow ODE, and there is no bound."""
+        return self.volatility.is_zero
+
+
+class NFDM(AbstractDiffusionModel):
     """A Neural Flow Diffusion Model.
 
     The generative dynamics plug the predictor x_hat(z, t) into the forward process's conditional
@@ -91,14 +111,6 @@ class NFDM(eqx.Module):
             raise ValueError(
                 f"NFDM velocity has shape {out.shape} but the data shape is {self.data_shape}."
             )
-
-    @property
-    def delta(self) -> float:
-        return self.forward.delta
-
-    @property
-    def is_deterministic(self) -> bool:
-        return self.volatility.is_zero
 
     def predict(self, z: Data, t: Time) -> Data:
         """x_hat(z, t). A library `Predictor` is preconditioned on the forward process's

@@ -189,3 +189,17 @@ def test_example_smoke(tmp_path):
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
     assert out.stat().st_size > 0 and "energy distance" in completed.stdout
+
+
+def test_settings_a_bridge_cannot_use_are_refused():
+    # The bridge family's networks are the reference MLPs of width x depth: other network
+    # settings have no counterpart and are refused by name rather than ignored.
+    from nfdm_de._bridge import build_bridge_model
+
+    config = nd.ModelConfig(width=8, depth=1, input_octaves=2, forward_width=16)
+    with pytest.raises(ValueError, match="does not use forward_width, input_octaves"):
+        eqx.filter_eval_shape(build_bridge_model, config, (2,), jr.key(0))
+    model = eqx.filter_eval_shape(
+        build_bridge_model, nd.ModelConfig(width=8, depth=1), (2,), jr.key(0)
+    )
+    assert isinstance(model, nd.BridgeModel) and model.delta == nd.ModelConfig().delta
