@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import math
 from collections.abc import Callable
+from typing import Any
 
 import diffrax as dfx
 import equinox as eqx
@@ -213,6 +214,8 @@ def evaluate_nll(
     size = -(-min(batch_size, total) // num_chunks) * num_chunks  # whole chunks per batch
     values: dict[NLLMethod, list[np.ndarray]] = {m: [] for m in methods}
     stats: dict[NLLMethod, SolveStats] = {}
+    solve: dict[str, Any] = dict(solver=solver, rtol=rtol, atol=atol, steps=steps)
+    solve.update(max_steps=max_steps, mesh=mesh, num_chunks=num_chunks)
     for index, start in enumerate(range(0, total, size)):
         batch = x[start : start + size]
         count = batch.shape[0]
@@ -228,15 +231,9 @@ def evaluate_nll(
                     model,
                     model_batch,
                     key=batch_key,
-                    trace=trace,
-                    solver=solver,
-                    rtol=rtol,
-                    atol=atol,
-                    steps=steps,
-                    max_steps=max_steps,
                     dequantization=dequantization,
-                    mesh=mesh,
-                    num_chunks=num_chunks,
+                    trace=trace,
+                    **solve,
                 )
                 nll = -(np.asarray(estimate.value)[:count] + log_jacobian)
             else:

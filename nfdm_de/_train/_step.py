@@ -91,25 +91,28 @@ def _train_step(
     # optax types the updated parameters as its `Params`; combined with `static` they are the
     # model again.
     model = cast(NFDM | BridgeModel, eqx.combine(params, static))
-    # EMA whose decay warms up, so early EMA weights are not dominated by the initialisation.
-    ema_step = step if ema_step is None else ema_step
-    # The step is an integer; the decay is computed in the default float dtype and applied in
-    # each parameter's own, as standard promotion would (strict promotion refuses both mixes).
-    ema_step = jnp.asarray(ema_step).astype(jnp.result_type(float))
-    decay = jnp.minimum(ema_decay, (1.0 + ema_step) / (10.0 + ema_step))
-    ema_params, ema_static = eqx.partition(state.ema_model, eqx.is_inexact_array)
-
-    def average(e, p):
-        d = decay.astype(e.dtype)
-        return (d * e + (1 - d) * p).astype(e.dtype)
-
-    ema_params = jax.tree.map(average, ema_params, params)
-    ema_model = eqx.combine(ema_params, ema_static)
+    ema_model = _ema(state.ema_model, params, step if ema_step is None else ema_step, ema_decay)
     new_state = TrainState(
         model, ema_model, opt_state, state.key, state.transform, state.source_transform
     )
     grad_norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
     return new_state, breakdown, grad_norm
+
+
+def _ema(ema_model, params, step: Array, ema_decay: float):
+    """The EMA model after one more step towards `params`. Its decay warms up with `step`, so
+    early EMA weights are not dominated by the initialisation."""
+    # The step is an integer; the decay is computed in the default float dtype and applied in
+    # each parameter's own, as standard promotion would (strict promotion refuses both mixes).
+    step = jnp.asarray(step).astype(jnp.result_type(float))
+    decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+    ema_params, ema_static = eqx.partition(ema_model, eqx.is_inexact_array)
+
+    def average(e, p):
+        d = decay.astype(e.dtype)
+        return (d * e + (1 - d) * p).astype(e.dtype)
+
+    return eqx.combine(jax.tree.map(average, ema_params, params), ema_static)
 
 
 train_step = eqx.filter_jit(_train_step)
