@@ -106,6 +106,17 @@ def load_images(name_or_path: str, *, split: str = "train"):
     return read_images(name_or_path, split=split)
 
 
+def _unreadable(what: str, error: Exception) -> ValueError:
+    """The message for a NumPy read that failed: an object array (which needs pickle, never
+    allowed here) or a damaged file."""
+    if "allow_pickle" in str(error):
+        return ValueError(
+            f"cannot read {what}: it holds an object array (ragged rows or images of mixed "
+            "shapes); expected one numeric array of a single shape."
+        )
+    return ValueError(f"cannot read {what}: {error}")
+
+
 def _load_array_file(path: str) -> np.ndarray:
     if not path.endswith((".npy", ".npz")):
         raise ValueError(f"data file {path!r} must be a .npy or .npz file.")
@@ -115,34 +126,22 @@ def _load_array_file(path: str) -> np.ndarray:
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as error:  # numpy raises ValueError, OSError, BadZipFile, EOFError, ...
-        if "allow_pickle" in str(error):
+        raise _unreadable(f"data file {path!r}", error) from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        return loaded
+    with loaded:
+        names = list(loaded.files)
+        if not names:
+            raise ValueError(f"data file {path!r} holds no arrays.")
+        key = "x" if "x" in names else ("data" if "data" in names else names[0])
+        if len(names) > 1 and key == names[0] and key not in ("x", "data"):
             raise ValueError(
-                f"cannot read data file {path!r}: it holds an object array (ragged rows or "
-                "images of mixed shapes); expected one numeric array of a single shape."
-            ) from None
-        raise ValueError(f"cannot read data file {path!r}: {error}") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            names = list(loaded.files)
-            if not names:
-                raise ValueError(f"data file {path!r} holds no arrays.")
-            key = "x" if "x" in names else ("data" if "data" in names else names[0])
-            if len(names) > 1 and key == names[0] and key not in ("x", "data"):
-                raise ValueError(
-                    f"data file {path!r} holds several arrays {names}; name the data array 'x'."
-                )
-            try:
-                array = loaded[key]
-            except Exception as error:  # a damaged member: zlib/zipfile/ValueError
-                if "allow_pickle" in str(error):
-                    raise ValueError(
-                        f"cannot read array {key!r} of {path!r}: an object array (ragged rows "
-                        "or images of mixed shapes); expected one numeric array of one shape."
-                    ) from None
-                raise ValueError(f"cannot read array {key!r} of {path!r}: {error}") from None
-    else:
-        array = loaded
-    return array
+                f"data file {path!r} holds several arrays {names}; name the data array 'x'."
+            )
+        try:
+            return loaded[key]
+        except Exception as error:  # a damaged member: zlib/zipfile/ValueError
+            raise _unreadable(f"array {key!r} of {path!r}", error) from None
 
 
 def check_data_array(array, where: str) -> np.ndarray:
