@@ -126,18 +126,7 @@ def _likelihood_solve(
     settings: Stepping,
 ) -> tuple[Array, SolveReport]:
     y0 = (x, jnp.zeros((x.shape[0], trace.num_estimates), x.dtype))
-    sol = dfx.diffeqsolve(
-        likelihood_term(model, trace),
-        solver,
-        0.0,
-        1.0,
-        settings.dt0,
-        y0,
-        args=probes,
-        stepsize_controller=settings.controller,
-        max_steps=settings.max_steps,
-        throw=False,
-    )
+    sol = settings.solve(likelihood_term(model, trace), solver, y0, args=probes)
     z1, delta_logp = saved(sol)
     log_prob = jax.vmap(standard_normal_log_prob)(z1[0])[:, None] + delta_logp[0]
     return log_prob, report(sol, solver, sde=False)

@@ -47,19 +47,7 @@ def _generative_solve(
     else:
         terms = generative_ode_term(model)
         adjoint = dfx.RecursiveCheckpointAdjoint()
-    sol = dfx.diffeqsolve(
-        terms,
-        solver,
-        0.0,
-        1.0,
-        settings.dt0,
-        z1,
-        saveat=saveat,
-        stepsize_controller=settings.controller,
-        max_steps=settings.max_steps,
-        adjoint=adjoint,
-        throw=False,
-    )
+    sol = settings.solve(terms, solver, z1, saveat=saveat, adjoint=adjoint)
     return saved(sol), report(sol, solver, sde=sde)
 
 

@@ -112,6 +112,33 @@ class Stepping(eqx.Module):
     max_steps: int
     adaptive: bool = eqx.field(static=True)
 
+    def solve(
+        self,
+        terms,
+        solver: dfx.AbstractSolver,
+        y0,
+        *,
+        args=None,
+        saveat: dfx.SaveAt = dfx.SaveAt(t1=True),
+        adjoint: dfx.AbstractAdjoint = dfx.RecursiveCheckpointAdjoint(),
+    ) -> dfx.Solution:
+        """`diffeqsolve` over the unit interval with these step settings. `throw=False`: a solve
+        that runs out of steps is reported by `report`, whose caller raises a clear error."""
+        return dfx.diffeqsolve(
+            terms,
+            solver,
+            0.0,
+            1.0,
+            self.dt0,
+            y0,
+            args=args,
+            saveat=saveat,
+            stepsize_controller=self.controller,
+            max_steps=self.max_steps,
+            adjoint=adjoint,
+            throw=False,
+        )
+
 
 def check_solve_settings(
     solver: dfx.AbstractSolver,
