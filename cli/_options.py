@@ -1,5 +1,6 @@
-"""Options more than one command declares, declared once."""
+"""The options of `sample` and `nll`, declared once (`train`'s are in cli/_train_options.py)."""
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -27,4 +28,49 @@ ChunksOption = Annotated[
         "count: results agree to float rounding (float32 adaptive solves: ~1e-4), not bit for "
         "bit."
     ),
+]
+
+
+# --- nll ---
+
+
+class Method(StrEnum):
+    ode = "ode"
+    bound = "bound"
+    both = "both"
+
+
+class Trace(StrEnum):
+    exact = "exact"
+    hutchinson = "hutchinson"
+
+
+DataOption = Annotated[
+    str,
+    typer.Option(
+        help="Built-in dataset name (its test split), a .npy/.npz file (N, D), or image data (a "
+        "CIFAR-10 directory gives its test batch)."
+    ),
+]
+MethodOption = Annotated[
+    Method | None,
+    typer.Option(
+        help="ode, bound or both (default: what the model optimises: the bound when g > 0, the "
+        "ODE NLL when g = 0 or after a likelihood phase)."
+    ),
+]
+TraceOption = Annotated[
+    Trace | None,
+    typer.Option(
+        help="Divergence of the ODE: exact or hutchinson (default: exact up to 64 dimensions, "
+        "hutchinson above, e.g. images)."
+    ),
+]
+NllSolverOption = Annotated[
+    str,
+    typer.Option(help="ODE solver: euler, heun, midpoint, ralston, bosh3, tsit5, dopri5, dopri8."),
+]
+PerExampleOption = Annotated[
+    Path | None,
+    typer.Option(help="Write each example's NLL: .npy (the `nll` values) or a CSV table."),
 ]

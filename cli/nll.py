@@ -11,8 +11,6 @@ reports the two, labelled (`nll_ode`, `nll_bound`), with `nll` the default one.
 import math
 import os
 import sys
-from enum import StrEnum
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -21,11 +19,18 @@ from cli._nll_report import report, summary_of, write_per_example
 from cli._options import (
     AtolOption,
     ChunksOption,
+    DataOption,
     JsonOption,
     MaxStepsOption,
+    Method,
+    MethodOption,
+    NllSolverOption,
+    PerExampleOption,
     RtolOption,
     RunDirOption,
     StepsOption,
+    Trace,
+    TraceOption,
 )
 from cli._solvers import (
     check_chunks,
@@ -37,55 +42,13 @@ from cli._solvers import (
 )
 
 
-class Method(StrEnum):
-    ode = "ode"
-    bound = "bound"
-    both = "both"
-
-
-class Trace(StrEnum):
-    exact = "exact"
-    hutchinson = "hutchinson"
-
-
-DataOption = Annotated[
-    str,
-    typer.Option(
-        help="Built-in dataset name (its test split), a .npy/.npz file (N, D), or image data (a "
-        "CIFAR-10 directory gives its test batch)."
-    ),
-]
-MethodOption = Annotated[
-    Method | None,
-    typer.Option(
-        help="ode, bound or both (default: what the model optimises: the bound when g > 0, the "
-        "ODE NLL when g = 0 or after a likelihood phase)."
-    ),
-]
-TraceOption = Annotated[
-    Trace | None,
-    typer.Option(
-        help="Divergence of the ODE: exact or hutchinson (default: exact up to 64 dimensions, "
-        "hutchinson above, e.g. images)."
-    ),
-]
-SolverOption = Annotated[
-    str,
-    typer.Option(help="ODE solver: euler, heun, midpoint, ralston, bosh3, tsit5, dopri5, dopri8."),
-]
-PerExampleOption = Annotated[
-    Path | None,
-    typer.Option(help="Write each example's NLL: .npy (the `nll` values) or a CSV table."),
-]
-
-
 def nll(
     run_dir: RunDirOption,
     data: DataOption,
     method: MethodOption = None,
     trace: TraceOption = None,
     probes: Annotated[int, typer.Option(help="Hutchinson probes per example.")] = 1,
-    solver: SolverOption = "dopri5",
+    solver: NllSolverOption = "dopri5",
     steps: StepsOption = None,
     rtol: RtolOption = None,
     atol: AtolOption = None,
