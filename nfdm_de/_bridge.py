@@ -224,7 +224,7 @@ def bridge_loss(
             f"{', '.join(map(str, model.data_shape))}); got {x.shape} and {source.shape}."
         )
     t_key, eps_key = jr.split(key)
-    t = stratified_times(t_key, x.shape[0], x.dtype)
+    t = stratified_times(x.shape[0], x.dtype, key=t_key)
     eps = jr.normal(eps_key, x.shape, x.dtype)
     per_example = jax.vmap(
         lambda x_i, c_i, t_i, eps_i: example_loss(

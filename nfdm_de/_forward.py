@@ -67,7 +67,7 @@ class AbstractForwardProcess(eqx.Module):
         """log q(z_t = z | x) = log N(F^{-1}(z); 0, I) + log |det dF^{-1}/dz|."""
         return standard_normal_log_prob(self.inverse(z, t, x)) + self.log_det_inverse(z, t, x)
 
-    def sample(self, key: Key, t: Time, x: Data) -> Data:
+    def sample(self, t: Time, x: Data, *, key: Key) -> Data:
         """Draw z_t ~ q(z_t | x)."""
         return self.transform(jr.normal(key, x.shape, x.dtype), t, x)
 

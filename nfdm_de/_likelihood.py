@@ -243,7 +243,7 @@ def log_likelihood(
 def _bound_core(model, x, key, num_samples, time_power):
     def one(x_i, key_i):
         t_key, eps_key = jr.split(key_i)
-        t, w = importance_times(t_key, num_samples, time_power, x_i.dtype)
+        t, w = importance_times(num_samples, time_power, x_i.dtype, key=t_key)
         eps = jr.normal(eps_key, (num_samples, *x_i.shape), x_i.dtype)
         return jax.vmap(
             lambda t_j, eps_j, w_j: example_loss(model, x_i, t_j, eps_j, time_weight=w_j).total

@@ -106,14 +106,16 @@ def prior_kl(model: NFDM, x: Data, *, key: Key, num_samples: int = 16) -> Scalar
     return jnp.mean(jax.vmap(log_ratio)(eps))
 
 
-def stratified_times(key: Key, batch_size: int, dtype: DTypeLike = float) -> Float[Array, " batch"]:
+def stratified_times(
+    batch_size: int, dtype: DTypeLike = float, *, key: Key
+) -> Float[Array, " batch"]:
     """t_i = (i + u_i) / B: one time per stratum of [0, 1], lowering the variance over t."""
     u = jr.uniform(key, (batch_size,), dtype)
     return (jnp.arange(batch_size, dtype=dtype) + u) / batch_size
 
 
 def importance_times(
-    key: Key, batch_size: int, power: float = 1.0, dtype: DTypeLike = float
+    batch_size: int, power: float = 1.0, dtype: DTypeLike = float, *, key: Key
 ) -> tuple[Float[Array, " batch"], Float[Array, " batch"]]:
     """Stratified u in [0, 1], times t = u^power and weights 1/p(t) = power * u^(power - 1).
 
@@ -125,7 +127,7 @@ def importance_times(
     """
     if not (isinstance(power, int | float) and math.isfinite(power) and power >= 1):
         raise ValueError(f"`power` must be a finite number >= 1; got {power!r}.")
-    u = stratified_times(key, batch_size, dtype)
+    u = stratified_times(batch_size, dtype, key=key)
     if power == 1:
         return u, jnp.ones_like(u)
     return u**power, power * u ** (power - 1)
@@ -150,7 +152,7 @@ def loss(
             f"{model.data_shape}."
         )
     t_key, eps_key = jr.split(key)
-    t, weight = importance_times(t_key, x.shape[0], time_power, x.dtype)
+    t, weight = importance_times(x.shape[0], time_power, x.dtype, key=t_key)
     eps = jr.normal(eps_key, x.shape, x.dtype)
     per_example = jax.vmap(
         lambda x_i, t_i, eps_i, w_i: example_loss(

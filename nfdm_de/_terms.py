@@ -133,21 +133,21 @@ class AbstractProbeDistribution(eqx.Module):
     """Distribution of Hutchinson probes u: zero mean, identity covariance."""
 
     @abc.abstractmethod
-    def sample(self, key: Key, shape: tuple[int, ...], dtype) -> Array:
+    def sample(self, shape: tuple[int, ...], dtype, *, key: Key) -> Array:
         """Draw probes of the given shape."""
 
 
 class RademacherProbe(AbstractProbeDistribution):
     """u_i = +-1 with equal probability: the lowest-variance choice for Hutchinson."""
 
-    def sample(self, key, shape, dtype):
+    def sample(self, shape, dtype, *, key):
         return jr.rademacher(key, shape, dtype)
 
 
 class GaussianProbe(AbstractProbeDistribution):
     """u ~ N(0, I)."""
 
-    def sample(self, key, shape, dtype):
+    def sample(self, shape, dtype, *, key):
         return jr.normal(key, shape, dtype)
 
 
@@ -176,7 +176,7 @@ class Hutchinson(AbstractTraceEstimator):
         return True
 
     def probes(self, key, z):
-        return self.distribution.sample(key, (self.num_probes, *z.shape), z.dtype)
+        return self.distribution.sample((self.num_probes, *z.shape), z.dtype, key=key)
 
     def divergence(self, velocity, z, probes):
         v, jvp = jax.linearize(velocity, z)

@@ -31,7 +31,7 @@ def _grid():
 
 
 def _sample(dataset, key, n):
-    return eqx.filter_jit(lambda d, k: d.sample(k, n))(dataset, key)
+    return eqx.filter_jit(lambda d, k: d.sample(n, key=k))(dataset, key)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_digits():
 
 def test_dequantise(getkey):
     x = jnp.asarray(nd.load_dataset("digits", num=200))
-    y = nd.dequantise(getkey(), x, 17)
+    y = nd.dequantise(x, 17, key=getkey())
     assert float(y.min()) >= 0 and float(y.max()) < 1
     np.testing.assert_array_equal(np.floor(np.asarray(y) * 17), np.asarray(x))
 

@@ -17,23 +17,23 @@ K_SIGMA = 4.0  # agreement of independent Monte Carlo estimates: within 4 standa
 def test_weights_are_the_inverse_proposal_density(getkey):
     # f(t) = t^(-1/2) has integral 2 and infinite variance under uniform t; with t = u^2 the
     # weighted integrand 2u * f(u^2) = 2 is constant: an exact, zero-variance estimator.
-    t, w = nd.importance_times(getkey(), 64, 2.0)
+    t, w = nd.importance_times(64, 2.0, key=getkey())
     assert float(jnp.max(jnp.abs(w * t**-0.5 - 2.0))) < IDENTITY_TOL
     # the weights are dt/du: their mean estimates the length of [0, 1]
-    t, w = nd.importance_times(getkey(), 4096, 3.0)
+    t, w = nd.importance_times(4096, 3.0, key=getkey())
     assert abs(float(jnp.mean(w)) - 1.0) < 1e-3
     assert float(jnp.min(t)) >= 0 and float(jnp.max(t)) <= 1
     # power 1 is plain stratified sampling with unit weights
     key = getkey()
-    t1, w1 = nd.importance_times(key, 16, 1.0)
-    assert float(jnp.max(jnp.abs(t1 - nd.stratified_times(key, 16)))) == 0
+    t1, w1 = nd.importance_times(16, 1.0, key=key)
+    assert float(jnp.max(jnp.abs(t1 - nd.stratified_times(16, key=key)))) == 0
     assert float(jnp.max(jnp.abs(w1 - 1))) == 0
 
 
 @pytest.mark.parametrize("power", [0.5, math.nan, math.inf])
 def test_bad_power_is_refused(power, getkey):
     with pytest.raises(ValueError, match="power"):
-        nd.importance_times(getkey(), 8, power)
+        nd.importance_times(8, power, key=getkey())
     with pytest.raises(ValueError, match="time_power"):
         nd.ModelConfig(time_power=power)
 
@@ -66,7 +66,7 @@ def test_loss_uses_the_weights(getkey):
     key = getkey()
     value, breakdown = nd.loss(model, x, key=key, time_power=2.5)
     t_key, eps_key = jr.split(key)
-    t, w = nd.importance_times(t_key, 8, 2.5, x.dtype)
+    t, w = nd.importance_times(8, 2.5, x.dtype, key=t_key)
     eps = jr.normal(eps_key, x.shape, x.dtype)
     per = jax.vmap(lambda a, b, c, d: nd.example_loss(model, a, b, c, time_weight=d))(x, t, eps, w)
     assert abs(float(value) - float(jnp.mean(per.total))) < IDENTITY_TOL * max(1, abs(float(value)))

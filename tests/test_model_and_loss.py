@@ -178,5 +178,5 @@ def test_volatilities(getkey):
 
 
 def test_stratified_times_cover_each_stratum(getkey):
-    t = nd.stratified_times(getkey(), 64)
+    t = nd.stratified_times(64, key=getkey())
     assert bool(jnp.all(jnp.floor(t * 64) == jnp.arange(64, dtype=t.dtype)))

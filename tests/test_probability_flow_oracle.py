@@ -51,7 +51,7 @@ def _mismatches(forward, key):
     def one(key, t):
         atom_key, noise_key = jr.split(key)
         x = ATOMS[jr.randint(atom_key, (), 0, len(ATOMS))]
-        z = forward.sample(noise_key, t, x)
+        z = forward.sample(t, x, key=noise_key)
         mean, drift_star, velocity_star = _posterior_averages(forward, z, t)
         x_sde, drift_residual = _newton(
             lambda xh: forward.backward_drift(z, t, xh, G), drift_star, mean

@@ -19,7 +19,7 @@ from ._images import ImageData, load_digits_images
 
 
 class AbstractDataset(eqx.Module):
-    """A built-in dataset: `sample(key, n) -> (n, dim)` and `log_prob(x)` on one example.
+    """A built-in dataset: `sample(n, key=key) -> (n, dim)` and `log_prob(x)` on one example.
 
     `num_levels` is K for integer data in [0, K) (dequantised by the pipeline), else None.
     """
@@ -29,7 +29,7 @@ class AbstractDataset(eqx.Module):
     num_levels: eqx.AbstractClassVar[int | None]
 
     @abc.abstractmethod
-    def sample(self, key: Key, n: int) -> Float[Array, "n dim"]:
+    def sample(self, n: int, *, key: Key) -> Float[Array, "n dim"]:
         """n independent draws."""
 
     def log_prob(self, x: Float[Array, " dim"]) -> Scalar | None:
@@ -64,7 +64,7 @@ class EightGaussians(AbstractDataset):
         angles = jnp.arange(8, dtype=dtype) * (2 * math.pi / 8)
         return self.radius * jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
-    def sample(self, key, n):
+    def sample(self, n, *, key):
         dtype = jnp.result_type(float)
         k1, k2 = jr.split(key)
         which = jr.randint(k1, (n,), 0, 8)
@@ -83,7 +83,7 @@ class Checkerboard(AbstractDataset):
     dim = 2
     num_levels = None
 
-    def sample(self, key, n):
+    def sample(self, n, *, key):
         dtype = jnp.result_type(float)
         k1, k2 = jr.split(key)
         cell = jr.randint(k1, (n,), 0, 8)
@@ -117,7 +117,7 @@ class _CurveMixture(AbstractDataset):
     std: eqx.AbstractClassVar[float]
     num_panels: eqx.AbstractClassVar[int]
 
-    def sample(self, key, n):
+    def sample(self, n, *, key):
         dtype = jnp.result_type(float)
         k1, k2, k3 = jr.split(key, 3)
         u = jr.uniform(k1, (n,), dtype)
@@ -190,7 +190,7 @@ class Rings(AbstractDataset):
         r = jnp.asarray(self.radii, dtype)
         return r / jnp.sum(r)
 
-    def sample(self, key, n):
+    def sample(self, n, *, key):
         dtype = jnp.result_type(float)
         k1, k2, k3 = jr.split(key, 3)
         which = jr.choice(k1, len(self.radii), (n,), p=self._weights(dtype))
@@ -229,7 +229,7 @@ class GaussianMixture10D(AbstractDataset):
         weights = np.array([0.4, 0.3, 0.2, 0.1])
         return (jnp.asarray(a, dtype) for a in (means, stds, weights))
 
-    def sample(self, key, n):
+    def sample(self, n, *, key):
         dtype = jnp.result_type(float)
         means, stds, weights = self._parameters(dtype)
         k1, k2 = jr.split(key)
@@ -256,7 +256,7 @@ class Digits(AbstractDataset):
     dim = 64
     num_levels = 17
 
-    def sample(self, key, n):
+    def sample(self, n, *, key):
         rows = _digits_split("train")
         index = np.asarray(jr.randint(key, (n,), 0, rows.shape[0]))
         return jnp.asarray(rows[index], jnp.result_type(float))
@@ -306,7 +306,7 @@ def true_nll(name: str, x: Float[ArrayLike, " n *shape"]) -> np.ndarray | None:
 def _compiled_sampler(n: int):
     # One compiled call is much cheaper than dispatching the sampler's ops one by one; cached so
     # that repeated loads (evaluation, resumed runs) do not recompile.
-    return eqx.filter_jit(lambda dataset, key: dataset.sample(key, n))
+    return eqx.filter_jit(lambda dataset, key: dataset.sample(n, key=key))
 
 
 def _digits_images(split: str) -> ImageData:

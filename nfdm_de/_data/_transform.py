@@ -74,6 +74,6 @@ def fit_transform(name_or_path: str, train: np.ndarray) -> AffineDataTransform:
     return AffineDataTransform(shift, scale)
 
 
-def dequantise(key: Key, x: Float[Array, " *shape"], num_levels: int) -> Float[Array, " *shape"]:
+def dequantise(x: Float[Array, " *shape"], num_levels: int, *, key: Key) -> Float[Array, " *shape"]:
     """y = (x + u) / K with u ~ U[0, 1)^D: integers in [0, K) to a density on [0, 1)^D."""
     return (x + jr.uniform(key, x.shape, x.dtype)) / num_levels

@@ -53,7 +53,7 @@ def _train_step(
     dequantise_key, loss_key = jr.split(key)
     x = batch
     if num_levels is not None:
-        x = dequantise(dequantise_key, x, num_levels)
+        x = dequantise(x, num_levels, key=dequantise_key)
     x = state.transform.to_model(x)
 
     params, static = eqx.partition(state.model, eqx.is_inexact_array)
