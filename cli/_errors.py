@@ -6,6 +6,7 @@ into one line as well; `NFDM_DE_DEBUG=1` re-raises it with its traceback.
 """
 
 import functools
+import json
 import os
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -66,7 +67,10 @@ def one_line_errors(command: Callable[..., Any], *, memory_hint: str) -> Callabl
             if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
                 raise
             code = 130 if isinstance(error, KeyboardInterrupt) else 1
-            typer.echo(f"error: {' '.join(describe(error, memory_hint).split())}", err=True)
+            message = " ".join(describe(error, memory_hint).split())
+            typer.echo(f"error: {message}", err=True)
+            if kwargs.get("json_output"):  # a --json caller parses stdout: one object there too
+                typer.echo(json.dumps({"error": message}))
             raise typer.Exit(code=code) from None
 
     return wrapped

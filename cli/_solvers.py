@@ -3,11 +3,8 @@
 import json
 import math
 import os
-from typing import NoReturn
 
 import typer
-
-from cli._errors import describe
 
 ODE_SOLVER_NAMES = ("euler", "heun", "midpoint", "ralston", "bosh3", "tsit5", "dopri5", "dopri8")
 SDE_SOLVER_NAMES = ("euler", "euler-maruyama", "heun", "sra1", "shark", "sea")
@@ -58,13 +55,6 @@ def solver_from_name(name: str, *, sde: bool):
         kind = "SDE (--sde)" if sde else "ODE"
         raise ValueError(f"unknown {kind} solver {name!r}; expected one of: {', '.join(allowed)}.")
     return table[key]()
-
-
-def fail(error: Exception) -> NoReturn:
-    """One line on stderr, exit code 1, no traceback."""
-    from cli._errors import fail as fail_with
-
-    fail_with(describe(error, memory_hint="the batch size"))
 
 
 def json_number(value):

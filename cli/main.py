@@ -1,5 +1,9 @@
 """`nfdm-de`: the Typer application. Each command lives in its own module and registers here."""
 
+import os
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 from cli._errors import one_line_errors
@@ -16,9 +20,54 @@ app = typer.Typer(
 )
 
 
+CACHE_VARIABLE = "NFDM_DE_COMPILE_CACHE"
+
+
+def compile_cache_dir() -> Path:
+    """Where the CLI keeps JAX's persistent compilation cache: $NFDM_DE_COMPILE_CACHE, else
+    $XDG_CACHE_HOME/nfdm-de/jax (~/.cache/nfdm-de/jax)."""
+    if os.environ.get(CACHE_VARIABLE):
+        return Path(os.environ[CACHE_VARIABLE])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nfdm-de" / "jax"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import importlib.metadata
+
+        try:
+            typer.echo(importlib.metadata.version("nfdm-de"))
+        except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
+            import nfdm_de
+
+            typer.echo(nfdm_de.__version__)
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    no_compile_cache: Annotated[
+        bool,
+        typer.Option(
+            "--no-compile-cache",
+            help="Do not keep compiled programs between runs (default: kept in "
+            "$NFDM_DE_COMPILE_CACHE or ~/.cache/nfdm-de/jax; a second run starts in seconds).",
+        ),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
     """Neural Flow Diffusion Models in JAX."""
+    del version
+    # Set before JAX is imported, which reads it; a cache the user chose (JAX's own variable)
+    # is kept.
+    if not no_compile_cache and os.environ.get(CACHE_VARIABLE) != "0":
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(compile_cache_dir()))
 
 
 # Every failure of a command ends as one `error: ...` line (cli/_errors.py); out of memory

@@ -39,7 +39,10 @@ SolverOption = Annotated[
 ]
 SourceOption = Annotated[
     Path | None,
-    typer.Option(help="Bridge runs: .npy/.npz of source points (N, D) to map (N replaces --num)."),
+    typer.Option(
+        help="Bridge runs: the source points to map, a .npy/.npz file (N, D; N replaces --num) "
+        "or a built-in set's name (--num points of its test split)."
+    ),
 ]
 ReferenceOption = Annotated[
     str | None,

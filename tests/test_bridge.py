@@ -156,6 +156,14 @@ def test_cli_train_sample_and_bad_input(tmp_path):
     assert result.exit_code == 0, result.stderr
     mapped = np.load(out)
     assert mapped.shape == (40, 2) and np.all(np.isfinite(mapped))
+    # A built-in set as the source: --num points of its test split, not the whole training set.
+    result = runner.invoke(
+        app,
+        ["sample", "--run-dir", str(run_dir), "--source", "eight-gaussians", "--num", "12",
+         "--steps", "8", "--out", str(out), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert np.load(out).shape == (12, 2) and json.loads(result.stdout.splitlines()[-1])["num"] == 12
 
     _fails_cleanly(
         ["train", "--data", "two-moons", "--source", str(tmp_path / "wide.npy"), *TINY,

@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -21,6 +23,7 @@ import nfdm_de._files as files
 from cli.main import app
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
 TINY = ["--data", "eight-gaussians", "--batch-size", "32", "--width", "16", "--depth", "1"]
 TINY += ["--likelihood-steps", "0", "--warmup", "5", "--save-every", "10", "--log-every", "10"]
 
@@ -310,6 +313,37 @@ def test_constant_schedule_extends_exactly_and_final_loss_is_the_last_steps(tmp_
     assert rows[-1]["step"] == 20
     assert straight.final_loss == rows[-1]["loss"] == resumed.final_loss
     assert straight.final_terms == resumed.final_terms
+
+
+def test_version_and_json_errors(tmp_path):
+    import nfdm_de
+
+    result = _invoke(["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == nfdm_de.__version__
+    # With --json a failure is one JSON object on stdout too (and the line on stderr).
+    result = _invoke(["sample", "--run-dir", tmp_path, "--json"])
+    assert result.exit_code == 1 and result.stderr.startswith("error: ")
+    error = json.loads(result.stdout.strip().splitlines()[-1])["error"]
+    assert "holds no nfdm-de checkpoint" in error
+
+
+@pytest.mark.slow
+def test_cli_keeps_compiled_programs_between_runs(tmp_path):
+    """A real `nfdm-de train` fills the CLI's compilation cache (NFDM_DE_COMPILE_CACHE), and
+    `--no-compile-cache` leaves it alone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(NFDM_DE_COMPILE_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    args = ["train", *TINY, "--steps", "3", "--width", "8", "--forward", "linear"]
+
+    def run(*extra, run_dir):
+        command = [sys.executable, "-m", "cli.main", *extra, *args, "--run-dir", str(run_dir)]
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    run("--no-compile-cache", run_dir=tmp_path / "a")
+    assert not (tmp_path / "cache").exists()
+    run(run_dir=tmp_path / "b")
+    assert any((tmp_path / "cache").iterdir())
 
 
 def test_chunks_help_says_what_is_reproduced():

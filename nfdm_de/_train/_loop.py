@@ -220,6 +220,8 @@ def train(
         log(f"resuming {run.path} from step {start.step}")
     end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
     log(_plan(config, data, end, run.path))
+    if start.step < end:
+        log("compiling the training step (the first step waits for it)")
     # Every process has checked the run directory (and read a checkpoint) before any writes.
     barrier("nfdm_de.train.checked")
     run.open(config, step=start.step)
