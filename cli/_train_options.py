@@ -8,9 +8,10 @@ import typer
 DataOption = Annotated[
     str | None,
     typer.Option(
+        show_default="rings",
         help="Built-in dataset (rings, two-moons, digits, digits-images, ...), a .npy/.npz "
         "file (N, D), or images: IDX (.gz or raw), a CIFAR-10 directory or .bin batch, an "
-        "ImageNet-style .npz, a uint8 .npy/.npz of rank 3-4."
+        "ImageNet-style .npz, a uint8 .npy/.npz of rank 3-4.",
     ),
 ]
 
@@ -24,21 +25,28 @@ SourceOption = Annotated[
 ForwardOption = Annotated[
     str | None,
     typer.Option(
+        show_default="neural-gaussian",
         help="Forward process: neural-gaussian (default), linear, vp, learned-schedule, "
-        "neural-flow."
+        "neural-flow.",
     ),
 ]
 
 VolatilityOption = Annotated[
-    str | None, typer.Option(help="Volatility g(t): learned (default), constant, zero.")
+    str | None,
+    typer.Option(
+        show_default="learned",
+        help="Volatility g(t): learned (default), constant, zero.",
+    ),
 ]
 
 CurvatureOption = Annotated[
-    float | None, typer.Option(help="Weight of the NFDM-OT curvature penalty (default 0).")
+    float | None,
+    typer.Option(show_default="0.0", help="Weight of the NFDM-OT curvature penalty (default 0)."),
 ]
 
 StepsOption = Annotated[
-    int | None, typer.Option(help="Optimiser steps of the simulation-free objective.")
+    int | None,
+    typer.Option(show_default="3000", help="Optimiser steps of the simulation-free objective."),
 ]
 
 LikelihoodStepsOption = Annotated[
@@ -52,7 +60,8 @@ LikelihoodStepsOption = Annotated[
 ]
 
 LikelihoodLrOption = Annotated[
-    float | None, typer.Option(help="Peak learning rate of the likelihood phase (3e-3).")
+    float | None,
+    typer.Option(show_default="0.003", help="Peak learning rate of the likelihood phase (3e-3)."),
 ]
 
 LikelihoodBatchOption = Annotated[
@@ -66,71 +75,91 @@ LikelihoodBatchOption = Annotated[
 LikelihoodTraceOption = Annotated[
     str | None,
     typer.Option(
+        show_default="auto",
         help="Divergence in the likelihood phase's solves: auto (default: exact up to 4 "
         "dimensions, else hutchinson), exact (D JVPs) or hutchinson (one probe's JVP, "
-        "unbiased; cheaper as D grows)."
+        "unbiased; cheaper as D grows).",
     ),
 ]
 
 LikelihoodBoundWeightOption = Annotated[
     float | None,
     typer.Option(
+        show_default="0.01",
         help="The likelihood phase minimises ODE NLL + this weight x the simulation-free "
         "bound (0.01), which keeps the bound and SDE sampling from drifting; 0: the ODE "
-        "NLL alone."
+        "NLL alone.",
     ),
 ]
 
-BatchSizeOption = Annotated[int | None, typer.Option(help="Examples per step.")]
+BatchSizeOption = Annotated[int | None, typer.Option(show_default="256", help="Examples per step.")]
 
-LrOption = Annotated[float | None, typer.Option(help="Peak learning rate (AdamW).")]
+LrOption = Annotated[
+    float | None, typer.Option(show_default="0.006", help="Peak learning rate (AdamW).")
+]
 
-WidthOption = Annotated[int | None, typer.Option(help="Hidden width of the MLPs.")]
+WidthOption = Annotated[
+    int | None, typer.Option(show_default="128", help="Hidden width of the MLPs.")
+]
 
-DepthOption = Annotated[int | None, typer.Option(help="Hidden layers of the MLPs.")]
+DepthOption = Annotated[
+    int | None, typer.Option(show_default="3", help="Hidden layers of the MLPs.")
+]
 
 ForwardWidthOption = Annotated[
     int | None,
-    typer.Option(help="Hidden width of the learnable forward process's network (default 48)."),
+    typer.Option(
+        show_default="48",
+        help="Hidden width of the learnable forward process's network (default 48).",
+    ),
 ]
 
 ForwardDepthOption = Annotated[
     int | None,
-    typer.Option(help="Hidden layers of the learnable forward process's network (default 2)."),
+    typer.Option(
+        show_default="2",
+        help="Hidden layers of the learnable forward process's network (default 2).",
+    ),
 ]
 
 InputOctavesOption = Annotated[
     int | None,
     typer.Option(
+        show_default="4",
         help="Sin/cos features of the predictor MLP's input at 1, 2, ..., 2^(n-1) (default 4; "
-        "0 = none)."
+        "0 = none).",
     ),
 ]
 
 ForwardAnchorOption = Annotated[
     str | None,
     typer.Option(
+        show_default="mixed",
         help="Path the learnable Gaussian forward process is built around: mixed (default; "
-        "a learned mixture of the two others), vp or linear."
+        "a learned mixture of the two others), vp or linear.",
     ),
 ]
 
 PredictorSkipOption = Annotated[
     str | None,
     typer.Option(
+        show_default="gaussian",
         help="Skip connection of the predictor: gaussian (default; the posterior mean on the "
         "forward process's reference path: NFDM's anchor without the network), "
         "gaussian-full (the same on the path at the data mean, the learnable process's "
         "log-scale correction included; for long simulation-free training) or linear "
-        "((1 - t) z + (t + delta) NN)."
+        "((1 - t) z + (t + delta) NN).",
     ),
 ]
 
 ChannelsOption = Annotated[
-    int | None, typer.Option(help="Base channels of the U-Nets (image data; default 8).")
+    int | None,
+    typer.Option(show_default="8", help="Base channels of the U-Nets (image data; default 8)."),
 ]
 
-SeedOption = Annotated[int | None, typer.Option(help="Random seed (model, data order, noise).")]
+SeedOption = Annotated[
+    int | None, typer.Option(show_default="0", help="Random seed (model, data order, noise).")
+]
 
 RunDirOption = Annotated[
     Path | None,
@@ -145,27 +174,41 @@ ResumeOption = Annotated[
     bool, typer.Option("--resume", help="Continue the run in --run-dir from its checkpoint.")
 ]
 
-WarmupOption = Annotated[int | None, typer.Option(help="Linear learning-rate warm-up steps.")]
-
-ScheduleOption = Annotated[
-    str | None, typer.Option(help="After warm-up: cosine (default) or constant.")
+WarmupOption = Annotated[
+    int | None, typer.Option(show_default="200", help="Linear learning-rate warm-up steps.")
 ]
 
-EmaDecayOption = Annotated[float | None, typer.Option(help="Decay of the EMA weights.")]
+ScheduleOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="CHOICE", show_default="cosine", help="After warm-up: cosine (default) or constant."
+    ),
+]
+
+EmaDecayOption = Annotated[
+    float | None, typer.Option(show_default="0.999", help="Decay of the EMA weights.")
+]
 
 ForwardNetworkLrScaleOption = Annotated[
     float | None,
     typer.Option(
+        show_default="1.0",
         help="Scale of the learnable Gaussian forward process's network updates (default 1; "
-        "0 freezes it, leaving the learned anchor weight)."
+        "0 freezes it, leaving the learned anchor weight).",
     ),
 ]
 
-SaveEveryOption = Annotated[int | None, typer.Option(help="Checkpoint every N steps.")]
+SaveEveryOption = Annotated[
+    int | None, typer.Option(show_default="1000", help="Checkpoint every N steps.")
+]
 
-KeepOption = Annotated[int | None, typer.Option(help="Keep the last K checkpoints.")]
+KeepOption = Annotated[
+    int | None, typer.Option(show_default="3", help="Keep the last K checkpoints.")
+]
 
-LogEveryOption = Annotated[int | None, typer.Option(help="Metrics line every N steps.")]
+LogEveryOption = Annotated[
+    int | None, typer.Option(show_default="100", help="Metrics line every N steps.")
+]
 
 CoordinatorOption = Annotated[
     str | None,

@@ -269,3 +269,24 @@ def test_likelihood_phase_flags_and_nll_default(tmp_path):
     )
     assert nll.exit_code == 0, nll.stderr
     assert json.loads(nll.stdout.strip().splitlines()[-1])["method"] == "ode"
+
+
+def test_help_defaults_are_the_librarys():
+    """`train --help` shows every setting's default, and each is `TrainConfig`'s."""
+    import enum
+    import typing
+
+    from cli import _train_options as options
+
+    config = nd.TrainConfig()
+    checked = 0
+    for name, section in nd.FLAT_SETTINGS.items():
+        alias = "".join(part.capitalize() for part in name.split("_")) + "Option"
+        value = getattr(config if section is None else getattr(config, section), name)
+        if not hasattr(options, alias) or value is None:
+            continue  # a setting without a flag (TOML only), or one chosen from the data
+        shown = typing.get_args(getattr(options, alias))[1].show_default
+        expected = value.value if isinstance(value, enum.Enum) else value
+        assert str(shown) == str(expected) or float(shown) == expected, (name, shown, value)
+        checked += 1
+    assert checked >= 20

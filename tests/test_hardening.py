@@ -42,7 +42,12 @@ def _fails_cleanly(args, *matches, after_progress=False):
     assert sum(line.startswith("error: ") for line in lines) == 1
     for match in matches:
         assert match in lines[-1], lines[-1]
-    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert "Traceback" not in result.stderr
+    # With --json the error is one JSON object on stdout too; without, stdout stays empty.
+    if "--json" in [str(a) for a in args]:
+        assert json.loads(result.stdout) == {"error": lines[-1].removeprefix("error: ")}
+    else:
+        assert result.stdout == ""
     return lines[-1]
 
 
