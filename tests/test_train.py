@@ -349,3 +349,17 @@ def test_compiled_train_step_matches_train_step_and_refuses_another_layout(getke
     )
     with pytest.raises(ValueError, match="layout"):
         compiled(other, batch, jnp.asarray(0), lr)
+
+
+def test_progress_reports_compilation_then_rate_and_eta(tmp_path):
+    """The log says when the compiled step has run; the bar's steps/s counts from then, and it
+    shows the time left in the phase."""
+    import io
+
+    messages, bar = [], io.StringIO()
+    config = dataclasses.replace(TINY, steps=20, save_every=20, log_every=10)
+    nd.train(config, tmp_path / "run", progress=bar, log=messages.append)
+    assert any(m.startswith("compiled the training step; step 1 done in") for m in messages)
+    lines = bar.getvalue().strip().splitlines()
+    assert lines[-1].startswith("[#########################] 20/20") and "ETA 0m00s" in lines[-1]
+    assert all(float(line.split("steps/s")[0].split()[-1]) > 0 for line in lines)

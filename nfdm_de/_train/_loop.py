@@ -16,7 +16,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax
@@ -79,10 +79,21 @@ class TrainResult:
     final_terms: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+@runtime_checkable
+class TextStream(Protocol):
+    """Where the progress bar goes: `sys.stderr`, a file, an `io.StringIO`."""
+
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def isatty(self) -> bool: ...
+
+
 class _Progress:
     """A one-line progress bar on stderr (a line per update when stderr is not a terminal)."""
 
-    def __init__(self, total: int, stream: TextIO | None, start: int):
+    def __init__(self, total: int, stream: TextStream | None, start: int):
         self.total, self.stream, self.start = total, stream, start
         self.tty = stream is not None and stream.isatty()
         self.last = 0.0
@@ -94,7 +105,10 @@ class _Progress:
         rate: float,
         force: bool = False,
         curvature: float | None = None,
+        remaining: int | None = None,
     ) -> None:
+        """Show `step`; `rate` is steps/s, `remaining` the steps left in the current phase
+        (for the ETA: the two phases run at very different rates)."""
         if self.stream is None:
             return
         now = time.monotonic()
@@ -105,6 +119,11 @@ class _Progress:
         bar = "#" * int(25 * frac) + "." * (25 - int(25 * frac))
         extra = "" if curvature is None else f"  curvature {curvature:.4f}"
         text = f"[{bar}] {step}/{self.total}  loss {loss:.4f}{extra}  {rate:.1f} steps/s"
+        if remaining is not None and rate > 0:
+            seconds = int(remaining / rate)
+            text += f"  ETA {seconds // 60}m{seconds % 60:02d}s" + (
+                " (phase)" if step + remaining < self.total else ""
+            )
         self.stream.write(("\r" + text) if self.tty else (text + "\n"))
         self.stream.flush()
 
@@ -112,6 +131,11 @@ class _Progress:
         if self.stream is not None and self.tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def _steps_per_second(step: int, since_step: int, since: float, now: float) -> float:
+    """The rate since step `since_step` ended at time `since` (0 before a step has passed)."""
+    return (step - since_step) / max(now - since, 1e-9) if step > since_step else 0.0
 
 
 def _tree_is_finite(tree) -> bool:
@@ -178,7 +202,7 @@ def train(
     *,
     resume: bool = False,
     stop_at: int | None = None,
-    progress: TextIO | None = None,
+    progress: TextStream | None = None,
     log: Callable[[str], None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> TrainResult:
@@ -295,7 +319,7 @@ def _loop(
     start: _Start,
     run: RunDirectory,
     end: int,
-    progress: TextIO | None,
+    progress: TextStream | None,
 ) -> TrainResult:
     """Steps `start.step` to `end`: log every `log_every` steps, save every `save_every`."""
     step, final_loss, checkpoint = start.step, start.loss, start.checkpoint
@@ -303,11 +327,24 @@ def _loop(
     pending: list[tuple[int, LossBreakdown, Array]] = []
     final_terms: dict[str, float] = {}
     started = interval_start = time.perf_counter()
+    # The bar's rate counts from the end of each phase's first step, which waits for the
+    # compilation of that phase's step.
+    compiled_at, compiled_step = started, step
     try:
         while step < end:
             breakdown, grad_norm = stepper(step)
             step += 1
             pending.append((step, breakdown, grad_norm))
+            if step in (start.step + 1, config.steps + 1):
+                jax.block_until_ready(breakdown.total)
+                compiled_at, compiled_step = time.perf_counter(), step
+                what = "likelihood-phase step" if step > config.steps else "training step"
+                stepper.log(
+                    f"compiled the {what}; step {step} done in {compiled_at - started:.1f} s"
+                )
+
+            phase_end = config.steps if step <= config.steps else config.total_steps
+            remaining = max(min(phase_end, end) - step, 0)
             # A row at the phase boundary too, so no logged interval mixes the two objectives.
             log_now = step % config.log_every == 0 or step == config.steps
             save_now = step % config.save_every == 0 or step == end
@@ -315,8 +352,9 @@ def _loop(
                 # The likelihood phase's steps are ~100x slower: a device sync per step costs
                 # nothing there, and the bar would otherwise sit still for minutes.
                 if step > config.steps and bar.stream is not None:
-                    rate = len(pending) / max(time.perf_counter() - interval_start, 1e-9)
-                    bar.update(step, float(jax.device_get(breakdown.total)), rate)
+                    rate = _steps_per_second(step, compiled_step, compiled_at, time.perf_counter())
+                    loss_now = float(jax.device_get(breakdown.total))
+                    bar.update(step, loss_now, rate, remaining=remaining)
                 continue
             terms = jax.device_get([(b, g) for _, b, g in pending])
             totals = np.array([float(b.total) for b, _ in terms])
@@ -332,7 +370,14 @@ def _loop(
             pending.clear()
             interval_start = now
             curvature = record["curvature"] if config.model.curvature > 0 else None
-            bar.update(step, record["loss"], rate, force=step == end, curvature=curvature)
+            bar.update(
+                step,
+                record["loss"],
+                _steps_per_second(step, compiled_step, compiled_at, now) or rate,
+                force=step == end,
+                curvature=curvature,
+                remaining=remaining,
+            )
             if save_now:
                 if not _tree_is_finite(stepper.state):
                     raise TrainingDiverged(
