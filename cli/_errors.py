@@ -9,17 +9,11 @@ import functools
 import json
 import os
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
 
 DEBUG_VARIABLE = "NFDM_DE_DEBUG"
-
-
-def fail(message: str) -> NoReturn:
-    """One line on stderr, exit code 1, no traceback."""
-    typer.echo(f"error: {' '.join(message.split())}", err=True)
-    raise typer.Exit(code=1)
 
 
 def _first_line(error: BaseException) -> str:

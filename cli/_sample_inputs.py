@@ -38,8 +38,10 @@ def bridge_sources(run, source, num: int, trajectories: bool):
         raise ValueError("--trajectories is not supported for bridges.")
     # A built-in set gives --num points of its test split; a file gives all of its points.
     name = os.fspath(source)
-    points = nd.load_dataset(name, split="test", num=num) if nd.is_dataset_name(name) else None
-    points = nd.load_dataset(name) if points is None else points
+    if nd.is_dataset_name(name):
+        points = nd.load_dataset(name, split="test", num=num)
+    else:
+        points = nd.load_dataset(name)
     if points.shape[1] != dim:
         raise ValueError(
             f"--source points have {points.shape[1]} dimensions per example; the bridge's data "

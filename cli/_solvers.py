@@ -73,11 +73,9 @@ def check_output_path(path: str) -> None:
     """A ValueError unless a file can be written at `path` (checked before any work starts)."""
     if os.path.isdir(path):
         raise ValueError(f"cannot write {path!r}: it is a directory; name a file.")
-    existing = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"cannot write {path!r}: {existing!r} is a file, not a directory.")
+    import nfdm_de._files
+
+    nfdm_de._files.existing_directory_above(path, "write")
 
 
 def atomic_save(path: str, write) -> None:

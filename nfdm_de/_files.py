@@ -85,6 +85,17 @@ def remove_stale_temporaries(directory: str, names: Iterable[str]) -> list[str]:
     return removed
 
 
+def existing_directory_above(path: str, action: str) -> str:
+    """The nearest existing directory at or above the folder of `path`, so that `path` can be
+    created below it; a ValueError (`cannot {action} path: ...`) when that is a file."""
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"cannot {action} {path!r}: {existing!r} is a file, not a directory.")
+    return existing
+
+
 def check_numpy_file(path: str, what: str) -> None:
     """A ValueError unless `path` starts as a NumPy file does: `.npy` (b"\\x93NUMPY") or `.npz`
     (a zip archive). Called before `np.load`, whose error for other bytes is about pickles."""

@@ -8,7 +8,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from .._checkpoint import checkpoint_path, latest_checkpoint
+from .._checkpoint import checkpoint_path
 from .._data._loading import (
     IMAGE_DATASETS,
     dataset_num_levels,
@@ -107,10 +107,9 @@ def _initialise(config: TrainConfig, data: _Data) -> _Start:
 def _restore(run: RunDirectory, config: TrainConfig) -> _Start | None:
     """The newest checkpoint of `run`, checked against `config`; None when there is none. A
     newest checkpoint that cannot be read is an error naming it and the newest readable one."""
-    latest = latest_checkpoint(run.checkpoints)
-    if latest is None:
-        return None
     loaded, skipped = newest_readable(run.checkpoints, _load_training_checkpoint)
+    if loaded is None and not skipped:
+        return None
     if skipped:
         newest, reason = skipped[0]
         if loaded is None:
@@ -121,6 +120,7 @@ def _restore(run: RunDirectory, config: TrainConfig) -> _Start | None:
         raise ValueError(f"cannot resume: the newest checkpoint {newest!r}: {reason}; {older}.")
     assert loaded is not None
     header, stored, state = loaded
+    latest = checkpoint_path(run.checkpoints, header["step"])
     check_compatible(stored, config, f"checkpoint {latest!r}")
     dtype = jnp.result_type(float)
     if jnp.dtype(header["dtype"]) != dtype:

@@ -17,8 +17,8 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .._checkpoint import list_checkpoints, save_checkpoint
-from .._files import atomic_write_bytes, remove_stale_temporaries
+from .._checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
+from .._files import atomic_write_bytes, existing_directory_above, remove_stale_temporaries
 from ._config import TrainConfig, config_differences
 
 CONFIG_FILE = "config.json"
@@ -39,7 +39,7 @@ def read_run_config(run_dir: str) -> TrainConfig | None:
             stored = json.loads(f.read())
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read the run config {path!r}: {error}") from None
-    if not isinstance(stored, dict):
+    if not isinstance(stored, dict):  # from_dict takes a dict: JSON may hold anything
         raise ValueError(
             f"the run config {path!r} holds {type(stored).__name__} {stored!r:.40}, not a JSON "
             "object of settings."
@@ -84,13 +84,10 @@ def _check_creatable(run_dir: str) -> None:
     """`run_dir` is a writable directory or can be created as one."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"run directory {run_dir!r} exists and is not a directory.")
-    existing = os.path.abspath(run_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(
-            f"cannot create run directory {run_dir!r}: {existing!r} is a file, not a directory."
-        )
+    if os.path.isdir(run_dir):
+        existing = run_dir
+    else:
+        existing = existing_directory_above(run_dir, "create run directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write run directory {run_dir!r}: {existing!r} is not writable.")
 
@@ -210,7 +207,7 @@ class RunDirectory:
         """Write a checkpoint of `state`, then the config and metrics, then drop old
         checkpoints (keeping `config.keep`); returns the checkpoint's path."""
         if not self.main:
-            return os.path.join(self.checkpoints, f"step_{step:08d}.eqx")
+            return checkpoint_path(self.checkpoints, step)  # written by process 0
         path = save_checkpoint(self.checkpoints, step, state, header, keep=None)
         self._write_config(config)
         atomic_write_bytes(self.metrics_path, "".join(self._metrics).encode())
