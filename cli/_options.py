@@ -45,6 +45,21 @@ class Trace(StrEnum):
     hutchinson = "hutchinson"
 
 
+class ErrorNormName(StrEnum):
+    example_max = "example-max"
+    batch_rms = "batch-rms"
+
+
+ErrorNormOption = Annotated[
+    ErrorNormName,
+    typer.Option(
+        help="How an adaptive step's error is measured over a batch: example-max (every "
+        "example within the tolerance) or batch-rms (the RMS over the batch, as torchdiffeq: "
+        "fewer steps, single examples may exceed it).",
+    ),
+]
+
+
 DataOption = Annotated[
     str,
     typer.Option(

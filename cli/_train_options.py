@@ -53,7 +53,7 @@ LikelihoodStepsOption = Annotated[
     int | None,
     typer.Option(
         help="Then this many steps of maximum likelihood through the probability-flow ODE "
-        "(vector data). Default: a tenth of --steps for continuous vector data of dimension "
+        "(vector data). Default: a fifteenth of --steps for continuous vector data of dimension "
         "<= 16 without --source or --curvature, else 0; 0 turns the phase off. Resume a "
         "finished run with more of them to fine-tune it."
     ),

@@ -20,6 +20,8 @@ from cli._options import (
     AtolOption,
     ChunksOption,
     DataOption,
+    ErrorNormName,
+    ErrorNormOption,
     JsonOption,
     MaxStepsOption,
     Method,
@@ -58,6 +60,7 @@ def nll(
     seed: Annotated[int, typer.Option(help="Random seed (probes, dequantization, bound).")] = 0,
     per_example: PerExampleOption = None,
     max_steps: MaxStepsOption = 4096,
+    error_norm: ErrorNormOption = ErrorNormName.example_max,
     chunks: ChunksOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -85,6 +88,7 @@ def nll(
         solver=solver_from_name(solver, sde=False), rtol=rtol, atol=atol, steps=steps
     )
     settings.update(max_steps=max_steps, batch_size=batch_size, num_chunks=chunks)
+    settings.update(error_norm=nd.ErrorNorm(error_norm.value))
     nd.check_evaluation(run, methods, **settings)
     dims = math.prod(run.model.data_shape)
     trace_object = nd.default_evaluation_trace(dims, probes)
@@ -116,7 +120,7 @@ def nll(
     summary.update(discrete=run.num_levels is not None, run_dir=os.fspath(run_dir))
     summary.update(checkpoint_step=run.step, devices=devices, chunks=chunks or devices)
     if nd.NLLMethod.ODE in results:
-        summary.update(steps=steps, rtol=rtol, atol=atol)
+        summary.update(steps=steps, rtol=rtol, atol=atol, error_norm=error_norm.value)
     if per_example is not None:
         write_per_example(os.fspath(per_example), results, headline)
         summary["per_example"] = os.fspath(per_example)

@@ -113,6 +113,7 @@ from ._ml import (
 )
 from ._model import NFDM as NFDM, AbstractDiffusionModel as AbstractDiffusionModel
 from ._nn import (
+    TIME_MAX_FREQUENCY as TIME_MAX_FREQUENCY,
     FourierInputFeatures as FourierInputFeatures,
     FourierTimeFeatures as FourierTimeFeatures,
     MonotoneUnitInterval as MonotoneUnitInterval,
@@ -128,7 +129,11 @@ from ._sharding import (
     replicate as replicate,
     shard_batch as shard_batch,
 )
-from ._solve import SolveStats as SolveStats, check_solve_settings as check_solve_settings
+from ._solve import (
+    ErrorNorm as ErrorNorm,
+    SolveStats as SolveStats,
+    check_solve_settings as check_solve_settings,
+)
 from ._terms import (
     AbstractProbeDistribution as AbstractProbeDistribution,
     AbstractTraceEstimator as AbstractTraceEstimator,
@@ -238,6 +243,7 @@ __all__ = [
     "Estimate",
     "Dequantization",
     "bits_per_dim",
+    "ErrorNorm",
     "ExactTrace",
     "Hutchinson",
     "SolveStats",

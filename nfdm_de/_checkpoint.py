@@ -28,7 +28,7 @@ import numpy as np
 from ._files import atomic_write_bytes
 
 FORMAT = "nfdm-de-checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _NAME = re.compile(r"^step_(\d{8,})\.eqx$")
 
 

@@ -24,7 +24,7 @@ from ._custom_types import Key
 from ._likelihood import Dequantization, log_likelihood, variational_bound
 from ._model import NFDM
 from ._sharding import data_mesh, resolve_chunks
-from ._solve import SolveStats, stepping
+from ._solve import ErrorNorm, SolveStats, stepping
 from ._terms import AbstractTraceEstimator, ExactTrace, Hutchinson
 from ._train._load import LoadedRun
 
@@ -142,6 +142,7 @@ def check_evaluation(
     batch_size: int = 1000,
     num_chunks: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    error_norm: ErrorNorm = ErrorNorm.EXAMPLE_MAX,
 ) -> tuple[int, jax.sharding.Mesh]:
     """The ValueError `evaluate_nll` would raise for these settings, before any work; else the
     number of chunks per batch and the mesh it would use."""
@@ -156,7 +157,15 @@ def check_evaluation(
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
     if NLLMethod.ODE in methods:
-        stepping(solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, sde=False)
+        stepping(
+            solver,
+            steps=steps,
+            rtol=rtol,
+            atol=atol,
+            max_steps=max_steps,
+            sde=False,
+            error_norm=error_norm,
+        )
     mesh = data_mesh() if mesh is None else mesh
     devices = int(mesh.devices.size)
     return resolve_chunks(num_chunks or devices, mesh, num_chunks, "`num_chunks`"), mesh
@@ -179,11 +188,13 @@ def evaluate_nll(
     num_chunks: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[int], None] | None = None,
+    error_norm: ErrorNorm = ErrorNorm.EXAMPLE_MAX,
 ) -> dict[NLLMethod, NLLResult]:
     """The NLL of every example of `x` (data units, the run's data shape) by each of `methods`.
 
     - `trace`: the ODE's divergence estimator (default `default_evaluation_trace` of the dimension).
-    - `solver`, `rtol`, `atol`, `steps`, `max_steps`: the ODE solve, as in `log_likelihood`.
+    - `solver`, `rtol`, `atol`, `steps`, `max_steps`, `error_norm`: the ODE solve, as in
+      `log_likelihood`.
     - `batch_size`: examples per solve; `bound_samples`: Monte Carlo (t, eps) pairs per example.
     - `mesh`, `num_chunks`: every batch is split into `num_chunks` independent solves over the
       devices of `mesh` (default: all local devices, one chunk each).
@@ -203,6 +214,7 @@ def evaluate_nll(
         batch_size=batch_size,
         num_chunks=num_chunks,
         mesh=mesh,
+        error_norm=error_norm,
     )
     model = _unconditional_model(run)
     x = check_examples(run, x, "the data")
@@ -215,7 +227,7 @@ def evaluate_nll(
     values: dict[NLLMethod, list[np.ndarray]] = {m: [] for m in methods}
     stats: dict[NLLMethod, SolveStats] = {}
     solve: dict[str, Any] = dict(solver=solver, rtol=rtol, atol=atol, steps=steps)
-    solve.update(max_steps=max_steps, mesh=mesh, num_chunks=num_chunks)
+    solve.update(max_steps=max_steps, mesh=mesh, num_chunks=num_chunks, error_norm=error_norm)
     for index, start in enumerate(range(0, total, size)):
         batch = x[start : start + size]
         count = batch.shape[0]

@@ -25,7 +25,7 @@ from ._loss import example_loss, importance_times
 from ._model import NFDM
 from ._sample import PER_EXAMPLE_DEFAULT
 from ._sharding import DATA_AXIS, check_divisible, map_chunks, mesh_size, resolve_chunks
-from ._solve import SolveReport, SolveStats, Stepping, report, saved, stepping, timed
+from ._solve import ErrorNorm, SolveReport, SolveStats, Stepping, report, saved, stepping, timed
 from ._terms import AbstractTraceEstimator, ExactTrace, likelihood_term
 
 
@@ -179,6 +179,7 @@ def log_likelihood(
     atol: float | None = None,
     steps: int | None = None,
     max_steps: int = 4096,
+    error_norm: ErrorNorm = ErrorNorm.EXAMPLE_MAX,
     dequantization: Dequantization | None = None,
     per_example: bool = PER_EXAMPLE_DEFAULT,
     mesh: jax.sharding.Mesh | None = None,
@@ -197,6 +198,9 @@ def log_likelihood(
       GaussianProbe())`; probes are drawn once per solve.
     - `solver`, `rtol`, `atol`, `steps`, `max_steps`: as in `sample` (ODE solvers only);
       adaptive at rtol = atol = 1e-5 by default.
+    - `error_norm`: how a batch's step error is measured (`ErrorNorm`): the largest
+      per-example RMS (default) or the RMS over the batch, which takes fewer steps and lets
+      single examples' errors exceed the tolerance.
     - `dequantization`: for integer data; the result is then a (stochastic) lower bound on the
       discrete log P(x), offset included.
     - `per_example`: vmapped per-example solves instead of one solve over the batch.
@@ -208,7 +212,15 @@ def log_likelihood(
     Hutchinson probes of each example (zero for the exact trace).
     """
     _check_data(model, x)
-    settings = stepping(solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, sde=False)
+    settings = stepping(
+        solver,
+        steps=steps,
+        rtol=rtol,
+        atol=atol,
+        max_steps=max_steps,
+        sde=False,
+        error_norm=error_norm,
+    )
     if (trace.is_random or dequantization is not None) and key is None:
         raise ValueError("A `key` is needed for Hutchinson probes and for dequantization.")
     if key is None:

@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int
 from ._custom_types import Key, Scalar
 from ._likelihood import _likelihood_solve
 from ._model import NFDM
-from ._solve import check_solver, stepping
+from ._solve import ErrorNorm, check_solver, stepping
 from ._terms import AbstractTraceEstimator, ExactTrace
 
 
@@ -37,6 +37,7 @@ class LikelihoodSolve(eqx.Module):
     tol: float = 1e-3
     max_steps: int = 1024
     trace: AbstractTraceEstimator = ExactTrace()
+    error_norm: ErrorNorm = ErrorNorm.EXAMPLE_MAX
 
     def __check_init__(self):
         if not (isinstance(self.tol, int | float) and 0 < self.tol < 1):
@@ -84,6 +85,7 @@ def ode_nll(
         atol=settings.tol,
         max_steps=settings.max_steps,
         sde=False,
+        error_norm=settings.error_norm,
     )
     log_prob, solve = _likelihood_solve(model, x, probes, settings.trace, settings.solver, steps)
     nll = -jnp.mean(log_prob, axis=1)

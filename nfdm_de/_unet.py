@@ -154,7 +154,8 @@ class UNet(eqx.Module):
         embed_size = 4 * base_channels
         keys = iter(jr.split(key, 4 * levels + 6))
 
-        self.time_features = FourierTimeFeatures(num_frequencies)
+        # Images keep the faster time features (up to 16 cycles per unit time).
+        self.time_features = FourierTimeFeatures(num_frequencies, max_frequency=16.0)
         self.time_mlp = (
             eqx.nn.Linear(self.time_features.size, embed_size, key=next(keys)),
             eqx.nn.Linear(embed_size, embed_size, key=next(keys)),

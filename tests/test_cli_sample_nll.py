@@ -132,6 +132,23 @@ def test_nll_corrects_for_the_data_transform(runs):
     assert summary["nfe"] == stats.nfe == 6 * 8 + 1
 
 
+def test_nll_error_norm_batch_rms(runs):
+    base = ["nll", "--run-dir", str(runs["stochastic"]), "--data", "rings", "--num", "40",
+            "--method", "ode", "--rtol", "1e-4", "--atol", "1e-4", "--json"]  # fmt: skip
+    example, _ = _invoke_json(base)
+    batch, _ = _invoke_json([*base, "--error-norm", "batch-rms"])
+    assert example["error_norm"] == "example-max" and batch["error_norm"] == "batch-rms"
+    assert batch["nfe"] <= example["nfe"]
+    run = nd.load_run(str(runs["stochastic"]))
+    z = run.transform.to_model(jnp.asarray(nd.load_dataset("rings", split="test", num=40)))
+    estimate, stats = nd.log_likelihood(
+        run.model, z, rtol=1e-4, atol=1e-4, error_norm=nd.ErrorNorm.BATCH_RMS
+    )
+    assert batch["nfe"] == stats.nfe
+    expected = -float(jnp.mean(estimate.value)) - float(run.transform.log_det())
+    assert batch["nll"] == pytest.approx(expected, abs=1e-4)
+
+
 def test_nll_discrete_data_in_bits_per_dim(runs):
     summary, _ = _invoke_json(
         ["nll", "--run-dir", str(runs["deterministic"]), "--data", "digits", "--num", "20",

@@ -134,6 +134,30 @@ def test_dequantization_rejects_out_of_range_data(getkey):
         nd.log_likelihood(model, jnp.array([[0.5, 1.0]]), key=getkey(), dequantization=deq)
 
 
+def test_batch_rms_norm_matches_closed_form_with_fewer_steps(getkey):
+    model, mean, _, marginal_cov = _oracle("linear", 2, getkey)
+    x = jr.multivariate_normal(getkey(), mean, marginal_cov, (16,))
+    x = x.at[0].multiply(6.0)  # one far example: the hardest solve of the batch
+    settings = dict(rtol=1e-7, atol=1e-7)
+    batch, batch_stats = nd.log_likelihood(model, x, error_norm=nd.ErrorNorm.BATCH_RMS, **settings)
+    example, example_stats = nd.log_likelihood(model, x, **settings)
+    expected = gaussian_log_prob(x, mean, marginal_cov)
+    for estimate in (batch, example):
+        assert np.max(np.abs(np.asarray(estimate.value) - expected)) <= ORACLE_TOL
+    assert batch_stats.nfe < example_stats.nfe
+
+
+def test_error_norms_against_numpy():
+    from nfdm_de._solve import batch_rms, max_example_rms
+
+    z = np.arange(12.0).reshape(3, 4)
+    d = np.array([[1.0], [-2.0], [3.0]])
+    rows = np.sqrt((np.sum(z**2, axis=1) + np.sum(d**2, axis=1)) / 5)
+    assert float(max_example_rms((jnp.asarray(z), jnp.asarray(d)))) == pytest.approx(rows.max())
+    overall = math.sqrt((np.sum(z**2) + np.sum(d**2)) / 15)
+    assert float(batch_rms((jnp.asarray(z), jnp.asarray(d)))) == pytest.approx(overall)
+
+
 def test_likelihood_bad_input(getkey):
     model, _, _, _ = _oracle("linear", 2, getkey)
     x = jnp.zeros((3, 2))
@@ -145,6 +169,8 @@ def test_likelihood_bad_input(getkey):
         nd.log_likelihood(model, x, steps=10, rtol=1e-3)
     with pytest.raises(ValueError, match="rtol"):
         nd.log_likelihood(model, x, rtol=0.0)
+    with pytest.raises(ValueError, match="error_norm"):
+        nd.log_likelihood(model, x, error_norm="batch-rms")  # pyright: ignore[reportArgumentType]
     with pytest.raises(ValueError, match="not a supported ODE solver"):
         nd.log_likelihood(model, x, solver=dfx.SRA1(), steps=4)
     with pytest.raises(RuntimeError, match="max_steps"):

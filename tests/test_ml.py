@@ -383,10 +383,10 @@ def test_automatic_phase_settings_follow_the_data():
     assert auto.likelihood_steps is None and auto.likelihood_trace is nd.TraceChoice.AUTO
     resolve = nd.resolve_likelihood_phase
     two_d = resolve(auto, (2,), discrete=False)
-    assert (two_d.likelihood_steps, two_d.likelihood_trace) == (300, nd.TraceChoice.EXACT)
+    assert (two_d.likelihood_steps, two_d.likelihood_trace) == (200, nd.TraceChoice.EXACT)
     ten_d = resolve(auto, (10,), discrete=False)
-    assert (ten_d.likelihood_steps, ten_d.likelihood_trace) == (300, nd.TraceChoice.HUTCHINSON)
-    assert resolve(dataclasses.replace(auto, steps=25), (2,), discrete=False).likelihood_steps == 2
+    assert (ten_d.likelihood_steps, ten_d.likelihood_trace) == (200, nd.TraceChoice.HUTCHINSON)
+    assert resolve(dataclasses.replace(auto, steps=40), (2,), discrete=False).likelihood_steps == 2
     # No phase where it does not apply or is too costly; the (moot) trace is left as given.
     off = [
         (auto, (64,), False),  # too many dimensions
@@ -412,13 +412,14 @@ def test_default_config_trains_with_a_phase_and_stores_it(phased_run, tmp_path):
     )
     messages = []
     result = nd.train(automatic, str(tmp_path), log=messages.append)
-    assert "30 simulation-free, then 3 likelihood-phase steps with the exact trace" in messages[0]
+    assert "30 simulation-free, then 2 likelihood-phase steps with the exact trace" in messages[0]
     stored = nd.read_run_config(str(tmp_path))
-    # A tenth of the 30 simulation-free steps, exact trace in 2-D: resolved in the run's config.
-    assert (stored.likelihood_steps, stored.likelihood_trace) == (3, nd.TraceChoice.EXACT)
-    assert result.steps == nd.load_run(str(tmp_path)).step == 33
+    # A fifteenth of the 30 simulation-free steps, exact trace in 2-D: resolved in the run's
+    # config.
+    assert (stored.likelihood_steps, stored.likelihood_trace) == (2, nd.TraceChoice.EXACT)
+    assert result.steps == nd.load_run(str(tmp_path)).step == 32
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
-    assert records[-1]["phase"] == "likelihood" and records[-1]["step"] == 33
+    assert records[-1]["phase"] == "likelihood" and records[-1]["step"] == 32
 
 
 def test_phase_divergence_names_the_phase_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -212,11 +212,11 @@ class TrainConfig:
     # The likelihood phase (nfdm_de/_ml.py): after `steps` simulation-free steps, this many
     # steps of maximum likelihood through the probability-flow ODE (vector data), with a fresh
     # Adam state, a cosine decay from `likelihood_lr`, and the EMA restarted. None (the
-    # default) lets `resolve_likelihood_phase` choose once the data is known: steps // 10 where
+    # default) lets `resolve_likelihood_phase` choose once the data is known: steps // 15 where
     # the phase applies and is affordable, else 0.
     likelihood_steps: int | None = None
     likelihood_lr: float = 3e-3
-    likelihood_tol: float = 1e-3
+    likelihood_tol: float = 3e-3
     # Examples per likelihood-phase step (None: `batch_size`). A step's cost is proportional to
     # it, and a smaller batch buys more steps of the phase for the same time.
     likelihood_batch: int | None = None
