@@ -125,12 +125,15 @@ def train_maf(name, budget: Budget, steps: int | None = None):
 
     start = time.perf_counter()
     steady_start = None
-    for i in range(steps):
-        params, opt_state, value = step(params, opt_state, jr.fold_in(data_key, i))
-        if i == 0:
-            jax.block_until_ready(value)
-            steady_start = time.perf_counter()
-    jax.block_until_ready(value)
+    # flowjax and optax's schedules mix Python floats with integer counts: standard promotion
+    # for the peer's code, also when this runs under the tests' strict promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        for i in range(steps):
+            params, opt_state, value = step(params, opt_state, jr.fold_in(data_key, i))
+            if i == 0:
+                jax.block_until_ready(value)
+                steady_start = time.perf_counter()
+        jax.block_until_ready(value)
     end = time.perf_counter()
     rate = (steps - 1) / max(end - steady_start, 1e-9)
     flow = paramax.unwrap(eqx.combine(params, static))
@@ -138,9 +141,9 @@ def train_maf(name, budget: Budget, steps: int | None = None):
     log_prob = eqx.filter_jit(flow.log_prob)
 
     def data_log_prob(x):
-        return (
-            np.asarray(log_prob(jnp.asarray((x - mean) / std, jnp.float32)), np.float64) - log_det
-        )
+        with jax.numpy_dtype_promotion("standard"):
+            values = log_prob(jnp.asarray((x - mean) / std, jnp.float32))
+        return np.asarray(values, np.float64) - log_det
 
     return data_log_prob, end - start, rate
 
