@@ -90,9 +90,9 @@ def hutchinson_table():
             est, _ = nd.log_likelihood(model, x, key=jr.key(k), trace=trace, rtol=1e-7, atol=1e-7)
             diff = np.asarray(est.value - exact.value)
             if k > 1:
-                rms = float(np.sqrt(np.mean(np.asarray(est.stderr) ** 2)))
+                rms = float(np.sqrt(np.mean(np.asarray(est.example_stderr) ** 2)))
                 z = float(np.mean(diff)) / (
-                    math.sqrt(float(np.sum(np.asarray(est.stderr) ** 2))) / num
+                    math.sqrt(float(np.sum(np.asarray(est.example_stderr) ** 2))) / num
                 )
                 print(f"| {k} | {type(distribution).__name__} | {rms:.4f} | {z:+.2f} |")
             else:

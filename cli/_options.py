@@ -8,8 +8,14 @@ import typer
 
 RunDirOption = Annotated[Path, typer.Option(help="Run directory written by `nfdm-de train`.")]
 StepsOption = Annotated[
-    int | None, typer.Option(help="Fixed uniform grid of N steps (exclusive with tolerances).")
+    int | None,
+    typer.Option(
+        "--solver-steps",
+        help="Solve on a fixed uniform grid of N solver steps (exclusive with tolerances).",
+    ),
 ]
+# `--steps`: a hidden second name of --solver-steps (in `train`, --steps counts optimiser steps).
+StepsAliasOption = Annotated[int | None, typer.Option("--steps", hidden=True)]
 RtolOption = Annotated[
     float | None, typer.Option(help="Adaptive relative tolerance (default 1e-5; SDE 1e-3).")
 ]

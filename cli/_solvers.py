@@ -10,6 +10,15 @@ ODE_SOLVER_NAMES = ("euler", "heun", "midpoint", "ralston", "bosh3", "tsit5", "d
 SDE_SOLVER_NAMES = ("euler", "euler-maruyama", "heun", "sra1", "shark", "sea")
 
 
+def solver_steps(steps: int | None, alias: int | None) -> int | None:
+    """--solver-steps, or its hidden alias --steps; both at once must agree."""
+    if steps is not None and alias is not None and steps != alias:
+        raise ValueError(
+            f"--solver-steps {steps} and --steps {alias} disagree; give --solver-steps alone."
+        )
+    return steps if steps is not None else alias
+
+
 def check_chunks(chunks: int | None) -> None:
     """--chunks is a positive count when given (the device-multiple check needs the mesh)."""
     if chunks is not None and chunks < 1:

@@ -5,6 +5,23 @@ from typing import Annotated
 
 import typer
 
+# The choices of the enum-valued settings, shown as each option's metavar. Written out here
+# (checked against the library's enums by tests/test_cli_train.py) because importing the library
+# would import JAX before `main` has set up its compilation cache.
+CHOICES = {
+    "forward": ("neural-gaussian", "linear", "vp", "learned-schedule", "neural-flow"),
+    "volatility": ("learned", "constant", "zero"),
+    "likelihood_trace": ("auto", "exact", "hutchinson"),
+    "forward_anchor": ("linear", "vp", "mixed"),
+    "predictor_skip": ("gaussian", "gaussian-full", "linear"),
+    "schedule": ("cosine", "constant"),
+}
+
+
+def _metavar(name: str) -> str:
+    return "[" + "|".join(CHOICES[name]) + "]"
+
+
 DataOption = Annotated[
     str | None,
     typer.Option(
@@ -25,6 +42,7 @@ SourceOption = Annotated[
 ForwardOption = Annotated[
     str | None,
     typer.Option(
+        metavar=_metavar("forward"),
         show_default="neural-gaussian",
         help="Forward process: neural-gaussian (default), linear, vp, learned-schedule, "
         "neural-flow.",
@@ -34,6 +52,7 @@ ForwardOption = Annotated[
 VolatilityOption = Annotated[
     str | None,
     typer.Option(
+        metavar=_metavar("volatility"),
         show_default="learned",
         help="Volatility g(t): learned (default), constant, zero.",
     ),
@@ -75,6 +94,7 @@ LikelihoodBatchOption = Annotated[
 LikelihoodTraceOption = Annotated[
     str | None,
     typer.Option(
+        metavar=_metavar("likelihood_trace"),
         show_default="auto",
         help="Divergence in the likelihood phase's solves: auto (default: exact up to 4 "
         "dimensions, else hutchinson), exact (D JVPs) or hutchinson (one probe's JVP, "
@@ -134,6 +154,7 @@ InputOctavesOption = Annotated[
 ForwardAnchorOption = Annotated[
     str | None,
     typer.Option(
+        metavar=_metavar("forward_anchor"),
         show_default="mixed",
         help="Path the learnable Gaussian forward process is built around: mixed (default; "
         "a learned mixture of the two others), vp or linear.",
@@ -143,6 +164,7 @@ ForwardAnchorOption = Annotated[
 PredictorSkipOption = Annotated[
     str | None,
     typer.Option(
+        metavar=_metavar("predictor_skip"),
         show_default="gaussian",
         help="Skip connection of the predictor: gaussian (default; the posterior mean on the "
         "forward process's reference path: NFDM's anchor without the network), "
@@ -181,7 +203,9 @@ WarmupOption = Annotated[
 ScheduleOption = Annotated[
     str | None,
     typer.Option(
-        metavar="CHOICE", show_default="cosine", help="After warm-up: cosine (default) or constant."
+        metavar=_metavar("schedule"),
+        show_default="cosine",
+        help="After warm-up: cosine (default) or constant.",
     ),
 ]
 

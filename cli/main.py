@@ -1,6 +1,8 @@
 """`nfdm-de`: the Typer application. Each command lives in its own module and registers here."""
 
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -89,5 +91,37 @@ def version() -> None:
     typer.echo(nfdm_de.__version__)
 
 
+def run(argv: list[str] | None = None) -> int:
+    """The `nfdm-de` program: `app`, with a malformed command line (an unknown option, a value
+    of the wrong type or outside an option's choices) reported as one `error: ...` line and
+    exit code 2 instead of Click's usage box. Returns the exit code."""
+    try:
+        result = app(args=argv, prog_name="nfdm-de", standalone_mode=False)
+    except typer.Abort:
+        typer.echo("error: interrupted.", err=True)
+        return 130
+    except Exception as error:
+        # Typer's usage errors (its bundled Click's `UsageError`, not exported by name) carry
+        # exit code 2, a `format_message()` and the context of the command they concern.
+        if getattr(error, "exit_code", None) != 2 or not hasattr(error, "format_message"):
+            raise
+        message = " ".join(str(error.format_message()).split())  # pyright: ignore[reportAttributeAccessIssue]
+        if message:  # (none when a bare `nfdm-de` has printed the help instead)
+            context = getattr(error, "ctx", None)
+            command = context.command_path if context is not None else "nfdm-de"
+            message = f"{message} (see '{command} --help')"
+            typer.echo(f"error: {message}", err=True)
+            arguments = sys.argv[1:] if argv is None else argv
+            if "--json" in arguments:  # a --json caller parses stdout: one object there too
+                typer.echo(json.dumps({"error": message}))
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+def entry_point() -> None:
+    """The console script: `run` on the process's arguments."""
+    raise SystemExit(run())
+
+
 if __name__ == "__main__":
-    app()
+    entry_point()

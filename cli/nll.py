@@ -30,6 +30,7 @@ from cli._options import (
     PerExampleOption,
     RtolOption,
     RunDirOption,
+    StepsAliasOption,
     StepsOption,
     Trace,
     TraceOption,
@@ -40,6 +41,7 @@ from cli._solvers import (
     check_seed,
     print_json,
     solver_from_name,
+    solver_steps,
     warn_skipped,
 )
 
@@ -52,6 +54,7 @@ def nll(
     probes: Annotated[int, typer.Option(help="Hutchinson probes per example.")] = 1,
     solver: NllSolverOption = "dopri5",
     steps: StepsOption = None,
+    steps_alias: StepsAliasOption = None,
     rtol: RtolOption = None,
     atol: AtolOption = None,
     batch_size: Annotated[int, typer.Option(help="Examples per solve.")] = 1000,
@@ -71,6 +74,7 @@ def nll(
 
     if probes < 1:
         raise ValueError(f"--probes must be a positive integer; got {probes}.")
+    steps = solver_steps(steps, steps_alias)
     check_chunks(chunks)
     check_seed(seed)
     if per_example is not None:

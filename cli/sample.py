@@ -16,6 +16,7 @@ from cli._options import (
     MaxStepsOption,
     RtolOption,
     RunDirOption,
+    StepsAliasOption,
     StepsOption,
 )
 from cli._sample_inputs import bridge_sources, draw, reference_points
@@ -27,6 +28,7 @@ from cli._solvers import (
     json_number,
     print_json,
     solver_from_name,
+    solver_steps,
     warn_skipped,
 )
 
@@ -59,6 +61,7 @@ def sample(
     source: SourceOption = None,
     solver: SolverOption = None,
     steps: StepsOption = None,
+    steps_alias: StepsAliasOption = None,
     rtol: RtolOption = None,
     atol: AtolOption = None,
     sde: Annotated[bool, typer.Option("--sde", help="Solve the generative SDE.")] = False,
@@ -83,6 +86,7 @@ def sample(
 
     import nfdm_de as nd
 
+    steps = solver_steps(steps, steps_alias)
     check_chunks(chunks)
     check_seed(seed)
     if num < 1:

@@ -30,11 +30,24 @@ from ._terms import AbstractTraceEstimator, ExactTrace, likelihood_term
 
 
 class Estimate(eqx.Module):
-    """Per-example estimates and their Monte Carlo standard errors (zeros when exact; NaN when a
-    random estimator has a single sample and so no spread to measure)."""
+    """Per-example estimates (`value`) and their Monte Carlo standard errors (`example_stderr`:
+    zeros when exact; NaN when a random estimator has a single sample and so no spread to
+    measure). `mean()` and `stderr()` summarise the batch."""
 
     value: Float[Array, " batch"]
-    stderr: Float[Array, " batch"]
+    example_stderr: Float[Array, " batch"]
+
+    def mean(self) -> float:
+        """The mean over the batch."""
+        return float(jnp.mean(self.value))
+
+    def stderr(self) -> float:
+        """The standard error of `mean()` over the examples: their spread / sqrt(batch), which
+        includes each estimate's own Monte Carlo noise (NaN for a batch of one)."""
+        n = self.value.shape[0]
+        if n < 2:
+            return math.nan
+        return float(jnp.std(self.value, ddof=1)) / math.sqrt(n)
 
 
 class Dequantization(eqx.Module):
@@ -208,7 +221,7 @@ def log_likelihood(
       `num_chunks` independent solves (default one per device), as in `sample`; a one-device
       run with the same `num_chunks` gives the same values.
 
-    **Returns:** `(Estimate(log p, stderr), SolveStats)`; the standard error is over the K
+    **Returns:** `(Estimate(log p, example_stderr), SolveStats)`; the standard error is over the K
     Hutchinson probes of each example (zero for the exact trace).
     """
     _check_data(model, x)
@@ -248,7 +261,7 @@ def log_likelihood(
         per_example=per_example,
     )
     estimate = _estimate(log_prob, trace.is_random)
-    return Estimate(estimate.value + offset, estimate.stderr), stats
+    return Estimate(estimate.value + offset, estimate.example_stderr), stats
 
 
 @eqx.filter_jit
@@ -314,7 +327,7 @@ def variational_bound(
         rejected_steps=0.0,
         seconds=seconds,
     )
-    return Estimate(estimate.value - offset, estimate.stderr), stats
+    return Estimate(estimate.value - offset, estimate.example_stderr), stats
 
 
 def bits_per_dim(nll: Float[Array, "*batch"], num_dims: int) -> Float[Array, "*batch"]:

@@ -48,7 +48,7 @@ def _bounds(model, x, num_samples):
     estimate, _ = nd.variational_bound(
         model, x, key=jr.key(7), num_samples=num_samples, time_power=3.0
     )
-    return np.asarray(estimate.value), np.asarray(estimate.stderr)
+    return np.asarray(estimate.value), np.asarray(estimate.example_stderr)
 
 
 def test_bound_of_every_fixed_gaussian_schedule_with_its_markov_g_is_the_closed_form():

@@ -132,6 +132,19 @@ def test_nll_corrects_for_the_data_transform(runs):
     assert summary["nfe"] == stats.nfe == 6 * 8 + 1
 
 
+def test_solver_steps_and_its_hidden_alias(runs):
+    base = ["nll", "--run-dir", str(runs["stochastic"]), "--data", "rings", "--num", "20",
+            "--method", "ode", "--solver", "tsit5", "--json"]  # fmt: skip
+    named, _ = _invoke_json([*base, "--solver-steps", "5"])
+    alias, _ = _invoke_json([*base, "--steps", "5"])
+    assert named["steps"] == alias["steps"] == 5 and named["nfe"] == alias["nfe"] == 6 * 5 + 1
+    assert named["nll"] == alias["nll"]
+    _fails_cleanly([*base, "--solver-steps", "5", "--steps", "6"], "disagree")
+    for command in ("nll", "sample"):
+        help_text = runner.invoke(app, [command, "--help"]).stdout
+        assert "--solver-steps" in help_text and "--steps " not in help_text
+
+
 def test_nll_error_norm_batch_rms(runs):
     base = ["nll", "--run-dir", str(runs["stochastic"]), "--data", "rings", "--num", "40",
             "--method", "ode", "--rtol", "1e-4", "--atol", "1e-4", "--json"]  # fmt: skip

@@ -290,3 +290,41 @@ def test_help_defaults_are_the_librarys():
         assert str(shown) == str(expected) or float(shown) == expected, (name, shown, value)
         checked += 1
     assert checked >= 20
+
+
+def test_train_help_lists_every_enum_setting_choice():
+    from cli._train_options import CHOICES
+
+    enums = {
+        "forward": nd.ForwardChoice,
+        "volatility": nd.VolatilityChoice,
+        "likelihood_trace": nd.TraceChoice,
+        "forward_anchor": nd.AnchorChoice,
+        "predictor_skip": nd.PredictorSkipChoice,
+        "schedule": nd.ScheduleChoice,
+    }
+    for name, enum in enums.items():
+        assert set(CHOICES[name]) == {choice.value for choice in enum}, name
+    help_text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"}).stdout
+    assert "[learned|constant|zero]" in help_text and "[cosine|constant]" in help_text
+
+
+def test_malformed_command_lines_are_one_line_and_exit_2(capsys):
+    from cli.main import run
+
+    cases = [
+        (["nll", "--run-dir", "x", "--data", "y", "--method", "xyz"], "'xyz' is not one of"),
+        (["train", "--bogus"], "No such option: --bogus"),
+        (["train", "--steps", "abc"], "'--steps'"),
+        (["sample"], "Missing option '--run-dir'"),
+    ]
+    for args, match in cases:
+        assert run(args) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], lines
+        assert f"(see 'nfdm-de {args[0]} --help')" in lines[0] and captured.out == ""
+    assert run(["nll", "--run-dir", "x", "--data", "y", "--json", "--method", "xyz"]) == 2
+    assert "'xyz' is not one of" in json.loads(capsys.readouterr().out)["error"]
+    assert run(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == nd.__version__

@@ -39,7 +39,7 @@ def test_ode_likelihood_matches_closed_form(forward_name, dim, getkey):
     estimate, stats = nd.log_likelihood(model, x, trace=trace, rtol=1e-7, atol=1e-7)
     expected = gaussian_log_prob(x, mean, marginal_cov)
     assert np.max(np.abs(np.asarray(estimate.value) - expected)) <= ORACLE_TOL
-    assert np.all(np.asarray(estimate.stderr) == 0)
+    assert np.all(np.asarray(estimate.example_stderr) == 0)
     assert stats.num == 12 and stats.nfe > 0 and stats.accepted_steps > 0
 
 
@@ -67,9 +67,9 @@ def test_hutchinson_unbiased_and_stderr_shrinks(getkey):
         est, _ = nd.log_likelihood(model, x, key=getkey(), trace=trace, rtol=1e-6, atol=1e-6)
         # The mean over examples of (estimate - exact) within 3 of its standard errors.
         error = float(jnp.mean(est.value - exact.value))
-        error_se = float(jnp.sqrt(jnp.sum(est.stderr**2))) / num
+        error_se = float(jnp.sqrt(jnp.sum(est.example_stderr**2))) / num
         assert abs(error) <= K_SE * error_se
-        se[k, type(distribution)] = float(jnp.sqrt(jnp.mean(est.stderr**2)))
+        se[k, type(distribution)] = float(jnp.sqrt(jnp.mean(est.example_stderr**2)))
     # Standard error ~ 1/sqrt(K): 16x the probes, 4x smaller (RMS over examples; the spread of
     # a 4-probe standard deviation is wide, hence the 30% band).
     ratio = se[4, nd.RademacherProbe] / se[64, nd.RademacherProbe]
@@ -89,7 +89,7 @@ def test_variational_bound_is_above_exact_nll(getkey):
     # exact NLL is -log N(x; m, S + 2 delta^2 I).
     delta = model.delta
     exact_nll = -gaussian_log_prob(x, mean, cov + 2 * delta**2 * np.eye(2))
-    value, stderr = np.asarray(bound.value), np.asarray(bound.stderr)
+    value, stderr = np.asarray(bound.value), np.asarray(bound.example_stderr)
     assert np.all(np.isfinite(value)) and np.all(stderr > 0)
     gap = np.mean(value - exact_nll)
     assert gap >= -K_SE * math.sqrt(np.sum(stderr**2)) / num
@@ -147,6 +147,14 @@ def test_batch_rms_norm_matches_closed_form_in_no_more_steps(getkey):
     assert batch_stats.nfe <= example_stats.nfe
 
 
+def test_estimate_summaries_against_numpy():
+    value = jnp.asarray([1.0, 2.0, 4.0, 7.0])
+    estimate = nd.Estimate(value, jnp.zeros(4))
+    assert estimate.mean() == pytest.approx(3.5)
+    assert estimate.stderr() == pytest.approx(np.std([1, 2, 4, 7], ddof=1) / 2)
+    assert math.isnan(nd.Estimate(value[:1], jnp.zeros(1)).stderr())
+
+
 def test_error_norms_against_numpy():
     from nfdm_de._solve import batch_rms, max_example_rms
 
@@ -179,7 +187,7 @@ def test_likelihood_bad_input(getkey):
         nd.log_likelihood(model, x, rtol=1e-10, atol=1e-10, max_steps=3)
     # One probe: an estimate but no spread to measure its standard error by.
     est, _ = nd.log_likelihood(model, x, key=getkey(), trace=nd.Hutchinson(1))
-    assert np.all(np.isnan(np.asarray(est.stderr))) and np.all(np.isfinite(est.value))
+    assert np.all(np.isnan(np.asarray(est.example_stderr))) and np.all(np.isfinite(est.value))
 
 
 def test_bits_per_dim_conversion():
