@@ -1,6 +1,7 @@
-"""A user-defined forward process, trained and sampled through the public API.
+"""A user-defined forward process, trained by `nfdm_de.train` and sampled.
 
     python examples/custom_forward_process.py [--data eight-gaussians] [--steps 1000]
+        [--run-dir runs/custom_forward_process] [--smoke]
 
 `LearnedScaleInterpolant` keeps the straight mean path mu = (1 - t) x of the linear interpolant
 but learns a per-dimension noise schedule,
@@ -16,7 +17,6 @@ loss's conditional fields follow in closed form (a non-Gaussian process would su
 import argparse
 
 import diffrax as dfx
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -39,55 +39,44 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="eight-gaussians")
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--run-dir", default="runs/custom_forward_process")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
-    width = 16 if args.smoke else 128
-    if args.smoke:
-        args.steps, args.batch_size = 20, 64
+    width, depth = (16, 1) if args.smoke else (128, 3)
+    config = nd.TrainConfig(
+        data=args.data,
+        steps=20 if args.smoke else args.steps,
+        batch_size=64 if args.smoke else 256,
+        likelihood_steps=2 if args.smoke else None,  # None: the default phase (steps // 15)
+        save_every=10 if args.smoke else 500,
+        log_every=10 if args.smoke else 100,
+    )
+    dim = nd.load_dataset(args.data, split="test", num=1).shape[1]
 
-    data = jnp.asarray(nd.load_dataset(args.data, split="train", num=20_000))
-    held_out = nd.load_dataset(args.data, split="test", num=1000)
-    dim = data.shape[1]
-    k_pred, k_vol, k_train, k_sample = jr.split(jr.key(0), 4)
-    model = nd.NFDM(
-        LearnedScaleInterpolant(jnp.zeros(dim)),
-        nd.mlp_predictor(dim, width=width, depth=1 if args.smoke else 3, key=k_pred),
-        nd.LearnedVolatility(key=k_vol),
-    )
-
-    # `nfdm_de.train` builds its model from a `ModelConfig` (which cannot name a process defined
-    # here), so drive the library's own compiled step (objective, AdamW, clipping, EMA) directly.
-    optim = nd.OptimConfig(warmup=min(100, args.steps // 10))
-    optimiser = nd.make_optimizer(optim)
-    schedule = nd.learning_rate_schedule(optim, args.steps)
-    params = eqx.filter(model, eqx.is_inexact_array)
-    state = nd.TrainState(
-        model,
-        model,
-        optimiser.init(params),
-        jr.key_data(k_train),
-        nd.AffineDataTransform.identity(dim),
-    )
-    # Compiled once for this state's layout (what `nd.train` runs; cheaper per call than the
-    # equivalent `nd.train_step`, which re-partitions the state every step).
-    step_fn = nd.CompiledTrainStep(
-        state, optimiser, curvature_weight=0.0, ema_decay=optim.ema_decay, num_levels=None
-    )
-    for i in range(args.steps):
-        batch = data[jr.randint(jr.fold_in(k_train, i), (args.batch_size,), 0, data.shape[0])]
-        state, terms, _ = step_fn(
-            state, batch, jnp.asarray(i), jnp.asarray(schedule(i), data.dtype)
+    def build(key):
+        k_pred, k_vol = jr.split(key)
+        return nd.NFDM(
+            LearnedScaleInterpolant(jnp.zeros(dim)),
+            nd.mlp_predictor(dim, width=width, depth=depth, input_octaves=4, key=k_pred),
+            nd.LearnedVolatility(key=k_vol),
         )
-        if (i + 1) % max(args.steps // 5, 1) == 0:
-            print(f"step {i + 1}: loss {float(terms.total):.4f}")
-    model = state.ema_model
 
+    # `train` takes the user-built model in place of the one `config.model` describes, and runs
+    # it as any other run: checkpoints, exact resume, EMA, the likelihood phase.
+    result = nd.train(config, args.run_dir, model=build(jr.key(0)), log=print)
+    print(f"trained {result.steps} steps; final loss {result.final_loss:.4f}")
+
+    # Its checkpoints hold values; the structure comes from the same code (`like`).
+    run = nd.load_run(args.run_dir, like=build(jr.key(1)))
+    model = run.model
     steps = 16 if args.smoke else 64
-    samples, stats = nd.sample(model, 1000, key=k_sample, solver=dfx.Heun(), steps=steps)
-    print(f"learned log-scale correction a = {jax.device_get(model.forward.log_scale_correction)}")
+    samples, stats = nd.sample(model, 1000, key=jr.key(2), solver=dfx.Heun(), steps=steps)
+    held_out = nd.load_dataset(args.data, split="test", num=1000)
+    correction = jax.device_get(model.forward.log_scale_correction)
+    print(f"learned log-scale correction a = {correction}")
+    x = run.to_data_units(samples)
     print(
-        f"energy distance to held-out data: {float(nd.energy_distance(samples, held_out)):.4f} "
+        f"energy distance to held-out data: {float(nd.energy_distance(x, held_out)):.4f} "
         f"({stats.nfe:.0f} evaluations per sample)"
     )
 

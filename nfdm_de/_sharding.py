@@ -44,9 +44,12 @@ def initialize_distributed(
     """Join a multi-process run through `jax.distributed.initialize`, before any JAX work.
 
     Settings come from the arguments, else from `NFDM_DE_COORDINATOR` (host:port of process
-    0), `NFDM_DE_NUM_PROCESSES` and `NFDM_DE_PROCESS_ID`. With no settings at all nothing
-    happens and `False` is returned (a single process). On CPU the cross-process collectives use
-    gloo. Returns whether this process is part of a multi-process run.
+    0), `NFDM_DE_NUM_PROCESSES` and `NFDM_DE_PROCESS_ID`. With none of them,
+    `jax.distributed.initialize()` is called without arguments, so that JAX detects a cluster
+    it knows (a SLURM step started by `srun`, Open MPI, Kubernetes, Cloud TPU; docs/training.md,
+    "Scaling out"); where it detects none, nothing happens (a single process). On CPU the
+    cross-process collectives use gloo. Returns whether this process is part of a
+    multi-process run.
     """
 
     def from_env(value, name, convert):
@@ -71,7 +74,7 @@ def initialize_distributed(
         "process_id": process_id,
     }
     if all(v is None for v in given.values()):
-        return False
+        return _join_detected_cluster()
     missing = [name for name, v in given.items() if v is None]
     if missing:
         raise ValueError(
@@ -94,6 +97,17 @@ def initialize_distributed(
         coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
     )
     return True
+
+
+def _join_detected_cluster() -> bool:
+    """`jax.distributed.initialize()` with JAX's cluster detection; False where it finds none."""
+    try:
+        jax.distributed.initialize()
+    except ValueError:  # no cluster environment: JAX asks for a coordinator address
+        return False
+    # Before the backend is created (the first device query): gloo for CPU collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    return jax.process_count() > 1
 
 
 def is_main_process() -> bool:

@@ -22,6 +22,12 @@ import jax  # noqa: E402
 import jax.random as jr
 import pytest
 
+# The suite is single-process: a batch job's cluster variables around it (a SLURM step, Open
+# MPI) would make `nfdm-de train` join that job through JAX's cluster detection. The
+# multi-process tests set their own.
+for _name in [n for n in os.environ if n.startswith(("SLURM_", "OMPI_"))]:
+    del os.environ[_name]
+
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update(
     "jax_persistent_cache_min_compile_time_secs",

@@ -54,7 +54,7 @@ def test_bound_is_unbiased_and_less_noisy_under_importance_sampling(getkey):
     uniform, _ = nd.variational_bound(model, x, key=getkey(), num_samples=4096)
     weighted, _ = nd.variational_bound(model, x, key=getkey(), num_samples=4096, time_power=2.0)
     difference = np.abs(np.asarray(uniform.value - weighted.value))
-    combined = np.sqrt(np.asarray(uniform.example_stderr) ** 2 + np.asarray(weighted.example_stderr) ** 2)
+    combined = np.hypot(np.asarray(uniform.example_stderr), np.asarray(weighted.example_stderr))
     assert np.all(difference < K_SIGMA * combined), (difference, combined)
     assert np.all(np.asarray(weighted.example_stderr) < np.asarray(uniform.example_stderr))
 

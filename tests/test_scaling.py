@@ -8,6 +8,7 @@ different order across devices: 1e-9 relative, far below any modelling effect.
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -145,10 +146,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_resume_and_match_one_process(runs, tmp_path):
+# JAX's SLURM detection puts the coordinator on the step's first node at a port derived from the
+# job id: (job id mod 4096) + 61440.
+SLURM_PORTS = range(61440, 65536)
+
+
+def _free_slurm_port() -> int:
+    for port in random.sample(SLURM_PORTS, 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port in the range JAX's SLURM detection uses")
+
+
+def _slurm_env(process_id: int, port: int) -> dict[str, str]:
+    """What `srun` sets for one of two tasks of a one-node step on this machine."""
+    env = _env(1)
+    env.update(
+        SLURM_JOB_ID=str(port - SLURM_PORTS.start),
+        SLURM_STEP_NODELIST="localhost",
+        SLURM_NTASKS="2",
+        SLURM_PROCID=str(process_id),
+        SLURM_LOCALID=str(process_id),
+        SLURM_STEP_NUM_NODES="1",
+    )
+    return env
+
+
+@pytest.mark.parametrize("launch", ["flags", "slurm"])
+def test_two_processes_resume_and_match_one_process(runs, tmp_path, launch):
     """Two processes under jax.distributed (gloo collectives on CPU) resume the single-device
     run from its step-10 checkpoint and train to step 20 together: the same trajectory and
-    parameters as the single-device run that never stopped; only process 0 writes."""
+    parameters as the single-device run that never stopped; only process 0 writes. `flags`
+    starts them with --coordinator/--num-processes/--process-id; `slurm` with none of those,
+    under the variables `srun` sets, so JAX's cluster detection joins them."""
     one, _ = runs[1]
     run = tmp_path / "run"
     shutil.copytree(one / "run", run)
@@ -156,16 +190,21 @@ def test_two_processes_resume_and_match_one_process(runs, tmp_path):
     sys.path.insert(0, str(REPO / "tests"))
     from scaling_worker import TRAIN
 
-    port = _free_port()
+    port = _free_port() if launch == "flags" else _free_slurm_port()
     logs = [(tmp_path / f"out{i}.txt", tmp_path / f"err{i}.txt") for i in range(2)]
     processes = []
     for i, (out, err) in enumerate(logs):
         with open(out, "w") as stdout, open(err, "w") as stderr:
             command = [sys.executable, "-m", "cli.main", *TRAIN, "--run-dir", str(run)]
-            command += ["--resume", "--json", "--coordinator", f"127.0.0.1:{port}"]
-            command += ["--num-processes", "2", "--process-id", str(i)]
+            command += ["--resume", "--json"]
+            env = _env(1)
+            if launch == "flags":
+                command += ["--coordinator", f"127.0.0.1:{port}"]
+                command += ["--num-processes", "2", "--process-id", str(i)]
+            else:
+                env = _slurm_env(i, port)
             processes.append(
-                subprocess.Popen(command, cwd=REPO, env=_env(1), stdout=stdout, stderr=stderr)
+                subprocess.Popen(command, cwd=REPO, env=env, stdout=stdout, stderr=stderr)
             )
     # If one process dies, the other would wait for it at the next collective: stop it.
     deadline = time.monotonic() + TIMEOUT

@@ -1,6 +1,7 @@
 """A trained run, loaded for evaluation: `load_run` and `LoadedRun`."""
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -19,10 +20,11 @@ from .._model import NFDM
 from ._config import TrainConfig
 from ._run_dir import (
     CHECKPOINT_DIR,
+    UserModelRequired,
     check_header,
     newest_readable,
 )
-from ._state import TrainState, init_train_state
+from ._state import TrainState, check_user_model, init_train_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +69,13 @@ def _cast_floats(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
 
 
-def _state_skeleton(config: TrainConfig, header: dict[str, Any]) -> TrainState:
+def _state_skeleton(
+    config: TrainConfig, header: dict[str, Any], like: NFDM | None = None
+) -> TrainState:
     data_shape = tuple(header["data_shape"])
-    skeleton = eqx.filter_eval_shape(init_train_state, config, data_shape)
+    skeleton = eqx.filter_eval_shape(
+        lambda model: init_train_state(config, data_shape, model=model), like
+    )
     # The checkpoint may have been written in another float precision (float32 outside tests).
     dtype = jnp.dtype(header.get("dtype", "float32"))
 
@@ -81,23 +87,39 @@ def _state_skeleton(config: TrainConfig, header: dict[str, Any]) -> TrainState:
     return jax.tree.map(retype, skeleton)
 
 
-def _load_training_checkpoint(path: str) -> tuple[dict[str, Any], TrainConfig, TrainState]:
+def _load_training_checkpoint(
+    path: str, like: NFDM | None = None
+) -> tuple[dict[str, Any], TrainConfig, TrainState]:
     """(header, stored config, state) of a checkpoint written by `train`, every header field
-    checked before anything is built from it."""
+    checked before anything is built from it. `like`: a model of the checkpoint's structure
+    (needed for a user-built model, whose structure only the user's code knows)."""
     header = read_header(path)
     config = check_header(path, header)
-    _, state = load_checkpoint(path, _state_skeleton(config, header))
+    if header.get("user_model", False) and like is None:
+        raise UserModelRequired(
+            f"{path!r} holds a user-built model, which only its own code can rebuild: load it "
+            "in Python with nd.load_run(run_dir, like=model) (resume: nd.train(config, "
+            "run_dir, resume=True, model=model)), `model` built as for training."
+        )
+    if like is not None:
+        check_user_model(like, config, tuple(header["data_shape"]))
+    _, state = load_checkpoint(path, _state_skeleton(config, header, like))
     return header, config, state
 
 
-def load_run(run_dir: str | os.PathLike) -> LoadedRun:
+def load_run(run_dir: str | os.PathLike, *, like: NFDM | None = None) -> LoadedRun:
     """Load the newest readable checkpoint of the run in `run_dir` (EMA weights as `.model`).
 
     A newer checkpoint that cannot be read (empty, truncated, tampered) is skipped and named in
-    `LoadedRun.skipped`; when none can be read the error names the newest and why."""
+    `LoadedRun.skipped`; when none can be read the error names the newest and why.
+
+    `like`: for a run of a user-built model (`train(..., model=...)`), a model of the same
+    structure, built as for training; its values are replaced by the checkpoint's."""
     run_dir = os.fspath(run_dir)
     directory = os.path.join(run_dir, CHECKPOINT_DIR)
-    loaded, skipped = newest_readable(directory, _load_training_checkpoint)
+    loaded, skipped = newest_readable(
+        directory, functools.partial(_load_training_checkpoint, like=like)
+    )
     if loaded is None:
         if skipped:
             path, reason = skipped[0]

@@ -30,6 +30,7 @@ from .._data._stream import (
 )
 from .._loss import LossBreakdown
 from .._ml import LikelihoodSolve
+from .._model import NFDM
 from .._sharding import (
     barrier,
     data_mesh,
@@ -56,7 +57,7 @@ from ._run_dir import (
     RunDirectory,
     check_run_directory,
 )
-from ._state import TrainState, _params
+from ._state import TrainState, _params, check_user_model
 from ._step import CompiledTrainStep
 
 
@@ -144,7 +145,9 @@ def _tree_is_finite(tree) -> bool:
     return all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in leaves)
 
 
-def _plan(config: TrainConfig, data: _Data, end: int, run_dir: str) -> str:
+def _plan(
+    config: TrainConfig, data: _Data, end: int, run_dir: str, *, user_model: bool = False
+) -> str:
     phase_plan = ""
     if config.resolved_likelihood_steps > 0:
         # Say so up front: the phase's steps cost far more than the first phase's.
@@ -153,8 +156,13 @@ def _plan(config: TrainConfig, data: _Data, end: int, run_dir: str) -> str:
             f"steps with the {config.likelihood_trace.value} trace; --likelihood-steps 0 skips "
             "them)"
         )
+    what = (
+        "a user-built NFDM"
+        if user_model
+        else f"{config.model.forward.value} / {config.model.volatility.value}"
+    )
     return (
-        f"training {config.model.forward.value} / {config.model.volatility.value} on "
+        f"training {what} on "
         f"{config.data} ({data.train.shape[0]} examples of shape {data.shape}) to step {end}"
         f"{phase_plan} -> {run_dir}"
     )
@@ -205,6 +213,7 @@ def train(
     progress: TextStream | None = None,
     log: Callable[[str], None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    model: NFDM | None = None,
 ) -> TrainResult:
     """Train the model described by `config`, writing checkpoints and metrics to `run_dir`.
 
@@ -218,6 +227,11 @@ def train(
     - `mesh`: the devices to shard each batch over (default `data_mesh()`: every device of every
       process); `config.batch_size` must divide by their number. In a multi-process run every
       process calls `train` with the same arguments; only process 0 writes to `run_dir`.
+    - `model`: a user-built `NFDM` to train instead of the one `config.model` describes (your
+      own predictor, forward process or volatility), with everything else of `config`:
+      checkpoints, exact resume, EMA and the likelihood phase. The run is marked as holding a
+      user-built model: `load_run(run_dir, like=model)` loads it and resuming needs `model`
+      again (a model of the same structure; its values are replaced by the checkpoint's).
 
     Nothing in `run_dir` changes before the first checkpoint of this call is saved (a fresh
     run writes its `config.json` first), and a failed save leaves the run as it was.
@@ -237,19 +251,21 @@ def train(
     rows = process_rows(config.batch_size, mesh)
     data = _load_data(config)  # validated before anything is written
     config = _resolve_for_data(config, data)
-    start = _restore(run, config) if resume else None
+    if model is not None:
+        check_user_model(model, config, data.shape)
+    start = _restore(run, config, like=model) if resume else None
     if start is None:
-        start = _initialise(config, data)
+        start = _initialise(config, data, model)
     else:
         log(f"resuming {run.path} from step {start.step}")
     end = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
-    log(_plan(config, data, end, run.path))
+    log(_plan(config, data, end, run.path, user_model=model is not None))
     if start.step < end:
         log("compiling the training step (the first step waits for it)")
     # Every process has checked the run directory (and read a checkpoint) before any writes.
     barrier("nfdm_de.train.checked")
     run.open(config, step=start.step)
-    stepper = _Stepper(config, data, start, rows, mesh, log)
+    stepper = _Stepper(config, data, start, rows, mesh, log, user_model=model is not None)
     return _loop(config, stepper, start, run, end, progress if main else None)
 
 
@@ -257,8 +273,19 @@ class _Stepper:
     """One optimiser step of a run at a time: the step's batch (this process's rows), its
     learning rate, and the simulation-free or the likelihood-phase step."""
 
-    def __init__(self, config: TrainConfig, data: _Data, start: _Start, rows: slice, mesh, log):
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: _Data,
+        start: _Start,
+        rows: slice,
+        mesh,
+        log,
+        *,
+        user_model: bool = False,
+    ):
         self.config, self.data, self.mesh, self.log = config, data, mesh, log
+        self.user_model = user_model
         self.dtype = jnp.result_type(float)
         self.optimizer = make_optimizer(config.optim)
         self.schedule = run_schedule(config)
@@ -310,6 +337,7 @@ class _Stepper:
             "data_iterator": streams[0].get_state(),
             "source_iterator": None if streams[1] is None else streams[1].get_state(),
             "loss": loss_value,
+            "user_model": self.user_model,
         }
 
 

@@ -2,6 +2,7 @@
 (a fresh one or a restored checkpoint)."""
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -18,6 +19,7 @@ from .._data._loading import (
 from .._data._transform import (
     fit_transform,
 )
+from .._model import NFDM
 from ._config import TrainConfig
 from ._load import _load_training_checkpoint
 from ._run_dir import (
@@ -95,19 +97,21 @@ class _Start:
     checkpoint: str | None = None
 
 
-def _initialise(config: TrainConfig, data: _Data) -> _Start:
+def _initialise(config: TrainConfig, data: _Data, model: NFDM | None = None) -> _Start:
     transform = fit_transform(config.data, data.train)
     source_transform = None
     if config.source is not None and data.source is not None:  # a bridge
         source_transform = fit_transform(config.source, data.source)
-    state = init_train_state(config, data.shape, transform, source_transform)
+    state = init_train_state(config, data.shape, transform, source_transform, model=model)
     return _Start(state, 0, math.nan)
 
 
-def _restore(run: RunDirectory, config: TrainConfig) -> _Start | None:
+def _restore(run: RunDirectory, config: TrainConfig, like: NFDM | None = None) -> _Start | None:
     """The newest checkpoint of `run`, checked against `config`; None when there is none. A
-    newest checkpoint that cannot be read is an error naming it and the newest readable one."""
-    loaded, skipped = newest_readable(run.checkpoints, _load_training_checkpoint)
+    newest checkpoint that cannot be read is an error naming it and the newest readable one.
+    `like`: the user-built model the run trains (its structure)."""
+    load = functools.partial(_load_training_checkpoint, like=like)
+    loaded, skipped = newest_readable(run.checkpoints, load)
     if loaded is None and not skipped:
         return None
     if skipped:

@@ -137,7 +137,14 @@ def check_header(path: str, header: dict[str, Any]) -> TrainConfig:
     loss = header.get("loss")
     if not (isinstance(loss, int | float) and not isinstance(loss, bool)):
         raise bad("loss", "a number")
+    if not isinstance(header.get("user_model", False), bool):
+        raise bad("user_model", "true or false")
     return config
+
+
+class UserModelRequired(ValueError):
+    """A checkpoint of a user-built model, read without a model of its structure (`like`):
+    nothing but the user's code can rebuild it."""
 
 
 def _is_positive(value) -> bool:
@@ -160,6 +167,8 @@ def newest_readable(
     for _, path in reversed(list_checkpoints(directory)):
         try:
             return load(path), skipped
+        except UserModelRequired:  # every checkpoint of the run needs it: not a bad file
+            raise
         except ValueError as error:
             skipped.append((path, " ".join(str(error).split())))
     return None, skipped

@@ -33,18 +33,37 @@ def _params(model):
     return eqx.filter(model, eqx.is_inexact_array)
 
 
+def check_user_model(model, config: TrainConfig, data_shape: tuple[int, ...]) -> None:
+    """The ValueError a user-built `model` for `train` raises: not an NFDM, a bridge's config,
+    or another data shape."""
+    if not isinstance(model, NFDM):
+        raise ValueError(f"`model` must be an nfdm_de.NFDM; got {type(model).__name__}.")
+    if config.source is not None:
+        raise ValueError("a user-built `model` trains as an NFDM; give no `source` (bridge).")
+    if tuple(model.data_shape) != tuple(data_shape):
+        raise ValueError(
+            f"the model is built for examples of shape {tuple(model.data_shape)}, but the data "
+            f"{config.data!r} has examples of shape {tuple(data_shape)}."
+        )
+
+
 def init_train_state(
     config: TrainConfig,
     data_shape: tuple[int, ...],
     transform: AffineDataTransform | None = None,
     source_transform: AffineDataTransform | None = None,
+    *,
+    model: NFDM | None = None,
 ) -> TrainState:
     """A fresh state: model from `config.model` and `config.seed`, EMA = model, optimiser state.
 
     With `config.source` set the model is a `BridgeModel` and the state holds the source's
-    transform too."""
+    transform too. `model`: a user-built NFDM for data of `data_shape` to start from instead
+    (its own predictor, forward process or volatility); `config.model` is then not used."""
     model_key, train_key = jr.split(jr.key(config.seed))
-    if config.source is not None:
+    if model is not None:
+        check_user_model(model, config, data_shape)
+    elif config.source is not None:
         model = build_bridge_model(config.model, data_shape, model_key)
         if source_transform is None:
             source_transform = AffineDataTransform.identity(data_shape[0])
