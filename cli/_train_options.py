@@ -5,9 +5,10 @@ from typing import Annotated
 
 import typer
 
-# The choices of the enum-valued settings, shown as each option's metavar. Written out here
-# (checked against the library's enums by tests/test_cli_train.py) because importing the library
-# would import JAX before `main` has set up its compilation cache.
+# The choices of the enum-valued settings, which each option's help lists (its metavar is
+# CHOICE). Written out here (checked against the library's enums and the help texts by
+# tests/test_cli_train.py) because importing the library would import JAX before `main` has set
+# up its compilation cache.
 CHOICES = {
     "forward": ("neural-gaussian", "linear", "vp", "learned-schedule", "neural-flow"),
     "volatility": ("learned", "constant", "zero"),
@@ -19,7 +20,9 @@ CHOICES = {
 
 
 def _metavar(name: str) -> str:
-    return "[" + "|".join(CHOICES[name]) + "]"
+    if name not in CHOICES:
+        raise KeyError(name)
+    return "CHOICE"
 
 
 DataOption = Annotated[

@@ -100,11 +100,17 @@ def initialize_distributed(
 
 
 def _join_detected_cluster() -> bool:
-    """`jax.distributed.initialize()` with JAX's cluster detection; False where it finds none."""
+    """`jax.distributed.initialize()` with JAX's cluster detection; False where it finds none.
+
+    Once JAX has started in this process (any computation, a device query) it can no longer
+    join a cluster: the process then runs as what it already is (one process, unless an
+    earlier call joined one)."""
     try:
         jax.distributed.initialize()
     except ValueError:  # no cluster environment: JAX asks for a coordinator address
         return False
+    except RuntimeError:  # JAX already started here, or the process already joined
+        return jax.process_count() > 1
     # Before the backend is created (the first device query): gloo for CPU collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     return jax.process_count() > 1

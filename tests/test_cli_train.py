@@ -305,8 +305,15 @@ def test_train_help_lists_every_enum_setting_choice():
     }
     for name, enum in enums.items():
         assert set(CHOICES[name]) == {choice.value for choice in enum}, name
-    help_text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"}).stdout
-    assert "[learned|constant|zero]" in help_text and "[cosine|constant]" in help_text
+    help_text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).stdout
+    rows = {}
+    for line in help_text.splitlines():
+        words = line.strip("│ ").split()
+        if words and words[0].startswith("--"):
+            rows[words[0][2:].replace("-", "_")] = line
+    for name, choices in CHOICES.items():
+        assert "CHOICE" in rows[name], rows[name]
+        assert all(choice in rows[name] for choice in choices), (name, rows[name])
 
 
 def test_malformed_command_lines_are_one_line_and_exit_2(capsys):

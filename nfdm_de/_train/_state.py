@@ -61,17 +61,19 @@ def init_train_state(
     transform too. `model`: a user-built NFDM for data of `data_shape` to start from instead
     (its own predictor, forward process or volatility); `config.model` is then not used."""
     model_key, train_key = jr.split(jr.key(config.seed))
+    built: NFDM | BridgeModel
     if model is not None:
         check_user_model(model, config, data_shape)
+        built, source_transform = model, None
     elif config.source is not None:
-        model = build_bridge_model(config.model, data_shape, model_key)
+        built = build_bridge_model(config.model, data_shape, model_key)
         if source_transform is None:
             source_transform = AffineDataTransform.identity(data_shape[0])
     else:
-        model = build_model(config.model, data_shape, model_key)
+        built = build_model(config.model, data_shape, model_key)
         source_transform = None
     optimizer = make_optimizer(config.optim)
-    opt_state = optimizer.init(_params(model))
+    opt_state = optimizer.init(_params(built))
     if transform is None:
         transform = AffineDataTransform.identity(tuple(data_shape))
-    return TrainState(model, model, opt_state, jr.key_data(train_key), transform, source_transform)
+    return TrainState(built, built, opt_state, jr.key_data(train_key), transform, source_transform)
