@@ -120,17 +120,17 @@ def nfdm_timing(
     return Timing(max(first - second, 0.0), second, result.stats.nfe, result.values)
 
 
-def phase_step_ratio(workdir: str) -> tuple[float, float]:
+def phase_step_ratio(workdir: str, steps: int = 3000) -> tuple[float, float]:
     """(seconds per simulation-free step, per likelihood-phase step) of the default 2-D run,
-    both at the state where its phase starts (after the 3,000 simulation-free steps)."""
+    both at the state where its phase starts (after its `steps` simulation-free steps)."""
     from nfdm_de._train._loop import _compiled_steps
     from nfdm_de._train._optimizer import make_optimizer
     from nfdm_de._train._prepare import _load_data, _resolve_for_data, _restore
     from nfdm_de._train._run_dir import RunDirectory
 
     run_dir = os.path.join(workdir, "phase")
-    nd.train(nd.TrainConfig(data="eight-gaussians", likelihood_steps=0), run_dir, log=print)
-    config = nd.TrainConfig(data="eight-gaussians")
+    config = nd.TrainConfig(data="eight-gaussians", steps=steps)
+    nd.train(dataclasses.replace(config, likelihood_steps=0), run_dir, log=print)
     data = _load_data(config)
     config = _resolve_for_data(config, data)
     start = _restore(RunDirectory(run_dir), config)
@@ -229,6 +229,9 @@ def main(argv=None):
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--tol", type=float, default=1e-5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--phase-after", type=int, default=3000, help="simulation-free steps before the phase"
+    )
     args = parser.parse_args(argv)
     try:
         import torch
@@ -298,7 +301,7 @@ def main(argv=None):
                     )
                 ratios.append(line)
             print(f"D={dim} done", flush=True)
-        simulation_free, phase = phase_step_ratio(workdir)
+        simulation_free, phase = phase_step_ratio(workdir, args.phase_after)
     print(header)
     print("\n".join(rows))
     print()
