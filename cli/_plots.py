@@ -14,9 +14,11 @@ def plot_samples(
     reference: np.ndarray | None = None,
     trajectories: np.ndarray | None = None,
     num_levels: int | None = None,
+    sources: np.ndarray | None = None,
 ) -> None:
     """Draw `samples` (data units) to `path`; `trajectories` is (times, paths, 2) from t = 1
-    (noise) to t = 0 (data)."""
+    (noise) to t = 0 (data); `sources` are a bridge's source points, row i mapped to
+    `samples[i]` (2-D: drawn with lines pairing the first of them)."""
     import nfdm_de as nd
 
     if samples.ndim == 4:  # images (N, H, W, C), integer levels
@@ -30,7 +32,7 @@ def plot_samples(
         return
     dim = samples.shape[1]
     if dim == 2:
-        fig = _scatter(samples, reference, trajectories, title)
+        fig = _scatter(samples, reference, trajectories, title, sources)
     elif math.isqrt(dim) ** 2 == dim:
         fig = _square_images(samples, math.isqrt(dim), title)
     else:
@@ -40,14 +42,25 @@ def plot_samples(
     nd.save_figure(fig, path, dpi=120)
 
 
-def _scatter(samples, reference, trajectories, title):
+# Pairing lines drawn for a bridge: source point -> mapped point.
+PAIRING_LINES = 64
+
+
+def _scatter(samples, reference, trajectories, title, sources=None):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.5, 5))
     ax = fig.add_subplot()
     if reference is not None:
         ax.scatter(*reference[:, :2].T, s=2, alpha=0.3, c="tab:gray", label="reference data")
-    ax.scatter(*samples.T, s=2, alpha=0.5, c="tab:blue", label="samples")
+    if sources is not None:
+        count = min(PAIRING_LINES, len(sources))
+        for start, end in zip(sources[:count], samples[:count], strict=True):
+            ax.plot(*np.stack([start, end]).T, lw=0.5, alpha=0.5, c="0.4")
+        ax.plot([], [], lw=0.5, c="0.4", label=f"pairings ({count} shown)")
+        ax.scatter(*sources.T, s=2, alpha=0.5, c="tab:orange", label="source points")
+    label = "mapped points" if sources is not None else "samples"
+    ax.scatter(*samples.T, s=2, alpha=0.5, c="tab:blue", label=label)
     if trajectories is not None:
         times = np.linspace(1.0, 0.0, trajectories.shape[0])
         for k in range(trajectories.shape[1]):

@@ -69,7 +69,7 @@ def reference_points(reference: str | None, num: int, run):
     return points
 
 
-def draw(run, path, samples, reference, trajectories, key, settings, title) -> None:
+def draw(run, path, samples, reference, trajectories, key, settings, title, sources=None) -> None:
     import nfdm_de as nd
     from cli._plots import plot_samples
 
@@ -85,4 +85,5 @@ def draw(run, path, samples, reference, trajectories, key, settings, title) -> N
         reference=reference,
         trajectories=paths,
         num_levels=run.num_levels,
+        sources=sources,
     )

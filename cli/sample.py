@@ -138,7 +138,20 @@ def sample(
         line += f"; MMD^2 {summary['mmd']:.4g}, energy distance {summary['energy_distance']:.4g}"
     if plot is not None:
         title = f"{run_dir} step {run.step}: {name}{' SDE' if sde else ''}, NFE {stats.nfe:.0f}"
-        draw(run, os.fspath(plot), samples, reference_data, trajectories, key, settings, title)
+        sources = None
+        if conditions is not None and run.source_transform is not None:
+            sources = np.asarray(run.source_transform.from_model(conditions), np.float64)
+        draw(
+            run,
+            os.fspath(plot),
+            samples,
+            reference_data,
+            trajectories,
+            key,
+            settings,
+            title,
+            sources,
+        )
         summary["plot"] = os.fspath(plot)
     typer.echo(line, err=True)
     if json_output:

@@ -160,10 +160,13 @@ def test_cli_train_sample_and_bad_input(tmp_path):
     result = runner.invoke(
         app,
         ["sample", "--run-dir", str(run_dir), "--source", "eight-gaussians", "--num", "12",
-         "--steps", "8", "--out", str(out), "--json"],
+         "--steps", "8", "--out", str(out), "--plot", str(tmp_path / "bridge.svg"), "--json"],
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert np.load(out).shape == (12, 2) and json.loads(result.stdout.splitlines()[-1])["num"] == 12
+    # The figure shows the source points, the mapped points and their pairings.
+    figure = (tmp_path / "bridge.svg").read_text()
+    assert all(label in figure for label in ("source points", "mapped points", "pairings"))
 
     _fails_cleanly(
         ["train", "--data", "two-moons", "--source", str(tmp_path / "wide.npy"), *TINY,
