@@ -10,7 +10,6 @@ reports the two, labelled (`nll_ode`, `nll_bound`), with `nll` the default one.
 
 import math
 import os
-import sys
 from typing import Annotated, Any
 
 import typer
@@ -35,6 +34,7 @@ from cli._options import (
     Trace,
     TraceOption,
 )
+from cli._progress import ExamplesProgress
 from cli._solvers import (
     check_chunks,
     check_output_path,
@@ -104,7 +104,7 @@ def nll(
     typer.echo(
         f"NLL of {len(x)} examples of {data} under {run_dir} (step {run.step}): {names}", err=True
     )
-    with typer.progressbar(length=len(x), label="nll", file=sys.stderr) as bar:
+    with ExamplesProgress("nll", len(x)) as bar:
         results = nd.evaluate_nll(
             run,
             x,

@@ -19,6 +19,7 @@ from cli._options import (
     StepsAliasOption,
     StepsOption,
 )
+from cli._progress import working
 from cli._sample_inputs import bridge_sources, draw, reference_points
 from cli._solvers import (
     atomic_save,
@@ -111,17 +112,17 @@ def sample(
     reference_data = reference_points(reference, num, run)
     key = jr.key(seed)
     what = "mapping" if isinstance(run.model, nd.BridgeModel) else "sampling"
-    typer.echo(f"{what} {num} from {run_dir} (step {run.step}) with {name}", err=True)
     mesh = nd.data_mesh()
-    if isinstance(run.model, nd.BridgeModel):  # one solve per source point, on one device
-        assert conditions is not None  # bridge_sources gives a bridge its points
-        z, stats = nd.bridge_sample(run.model, conditions, key=key, **settings)
-        devices = used_chunks = 1
-    else:
-        assert isinstance(run.model, nd.NFDM)
-        z, stats = nd.sample(run.model, num, key=key, mesh=mesh, num_chunks=chunks, **settings)
-        devices = int(mesh.devices.size)
-        used_chunks = chunks or devices
+    with working(f"{what} {num} from {run_dir} (step {run.step}) with {name}"):
+        if isinstance(run.model, nd.BridgeModel):  # one solve per source point, on one device
+            assert conditions is not None  # bridge_sources gives a bridge its points
+            z, stats = nd.bridge_sample(run.model, conditions, key=key, **settings)
+            devices = used_chunks = 1
+        else:
+            assert isinstance(run.model, nd.NFDM)
+            z, stats = nd.sample(run.model, num, key=key, mesh=mesh, num_chunks=chunks, **settings)
+            devices = int(mesh.devices.size)
+            used_chunks = chunks or devices
     samples = run.to_data_units(z)
     atomic_save(out_path, lambda f: np.save(f, samples))
     summary: dict[str, Any] = dict(

@@ -11,6 +11,7 @@ import typer
 
 from cli import _train_options as opt
 from cli._options import JsonOption
+from cli._progress import RichTrainProgress, interactive
 from cli._settings import read_toml, resolve
 
 # The options that are not settings of the run.
@@ -82,13 +83,12 @@ def train(
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         name = os.path.splitext(os.path.basename(resolved.data))[0]
         directory = os.path.join("runs", f"{name}-{resolved.model.forward.value}-{stamp}")
-    result = nd.train(
-        resolved,
-        os.fspath(directory),
-        resume=resume,
-        progress=sys.stderr,
-        log=lambda message: typer.echo(message, err=True),
-    )
+    if interactive():
+        display = RichTrainProgress()
+        progress, log = display, display.log
+    else:
+        progress, log = sys.stderr, (lambda message: typer.echo(message, err=True))
+    result = nd.train(resolved, os.fspath(directory), resume=resume, progress=progress, log=log)
     if jax.process_index() == 0:  # only process 0 reports to people
         _report(result, resolved)
     if json_output:

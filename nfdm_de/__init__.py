@@ -168,6 +168,11 @@ from ._train._optimizer import (
     make_optimizer as make_optimizer,
     run_schedule as run_schedule,
 )
+from ._train._progress import (
+    ProgressReport as ProgressReport,
+    ProgressSink as ProgressSink,
+    StreamProgress as StreamProgress,
+)
 from ._train._run_dir import read_run_config as read_run_config
 from ._train._settings import (
     FLAT_SETTINGS as FLAT_SETTINGS,
@@ -255,6 +260,9 @@ __all__ = [
     # training and runs
     "train",
     "TrainConfig",
+    "ProgressReport",
+    "ProgressSink",
+    "StreamProgress",
     "ModelConfig",
     "OptimConfig",
     "ForwardChoice",

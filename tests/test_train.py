@@ -363,3 +363,60 @@ def test_progress_reports_compilation_then_rate_and_eta(tmp_path):
     lines = bar.getvalue().strip().splitlines()
     assert lines[-1].startswith("[#########################] 20/20") and "ETA 0m00s" in lines[-1]
     assert all(float(line.split("steps/s")[0].split()[-1]) > 0 for line in lines)
+
+
+def test_progress_sink_receives_every_phase_and_a_final_report(tmp_path):
+    """`train(progress=sink)` hands any `ProgressSink` structured reports: steps in order, the
+    loss terms at logged steps, the phase, the time left in it, and one final report."""
+
+    class Recorder:
+        def __init__(self):
+            self.reports, self.closed = [], 0
+
+        def update(self, report):
+            self.reports.append(report)
+
+        def close(self):
+            self.closed += 1
+
+    sink = Recorder()
+    config = dataclasses.replace(TINY, steps=10, likelihood_steps=2, save_every=12, log_every=5)
+    nd.train(config, tmp_path / "run", progress=sink)
+    reports = sink.reports
+    assert sink.closed == 1 and reports and all(isinstance(r, nd.ProgressReport) for r in reports)
+    assert [r.step for r in reports] == sorted(r.step for r in reports)
+    assert reports[-1].final and reports[-1].step == reports[-1].total == 12
+    assert {r.phase for r in reports} == {"simulation-free", "likelihood"}
+    logged = [r for r in reports if r.step in (5, 10)]
+    assert all(set(r.terms) == {"diffusion", "reconstruction"} for r in logged)
+    assert all(r.phase_end == 10 for r in reports if r.phase == "simulation-free")
+    assert all(r.seconds_left is None or r.seconds_left >= 0 for r in reports)
+
+
+def test_cli_progress_displays():
+    """The CLI's rich bar shows the phase, steps, loss terms, steps/s and ETA on a terminal;
+    the examples counter of `nll` prints lines elsewhere."""
+    import io
+
+    from rich.console import Console
+
+    from cli._progress import ExamplesProgress, RichTrainProgress
+
+    out = io.StringIO()
+    display = RichTrainProgress(Console(file=out, force_terminal=True, width=160))
+    report = nd.ProgressReport(5, 12, "simulation-free", 1.5, {"diffusion": 2.0}, 40.0, 0.1, 10)
+    display.update(report)
+    display.update(dataclasses.replace(report, step=12, phase="likelihood", final=True))
+    display.close()
+    text = out.getvalue()
+    for piece in ("likelihood", "12/12", "loss 1.5000", "diffusion 2.0000", "40.0 steps/s"):
+        assert piece in text, piece
+    assert "ETA 0m00s (phase)" in text
+    lines = io.StringIO()
+    with ExamplesProgress("nll", 4, Console(file=lines, force_terminal=False)) as bar:
+        bar.update(2)
+        bar.update(2)
+    assert [line.split(",")[0] for line in lines.getvalue().splitlines()] == [
+        "nll: 2/4 examples",
+        "nll: 4/4 examples",
+    ]

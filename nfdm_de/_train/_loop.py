@@ -16,7 +16,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -53,6 +53,7 @@ from ._prepare import (
     _Start,
     _with_absolute_paths,
 )
+from ._progress import ProgressReport, ProgressSink, StreamProgress, TextStream
 from ._run_dir import (
     RunDirectory,
     check_run_directory,
@@ -80,58 +81,27 @@ class TrainResult:
     final_terms: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-@runtime_checkable
-class TextStream(Protocol):
-    """Where the progress bar goes: `sys.stderr`, a file, an `io.StringIO`."""
-
-    def write(self, text: str, /) -> int: ...
-
-    def flush(self) -> None: ...
-
-    def isatty(self) -> bool: ...
+def _display(progress: TextStream | ProgressSink | None) -> ProgressSink | None:
+    if progress is None or isinstance(progress, ProgressSink):
+        return progress
+    return StreamProgress(progress)
 
 
-class _Progress:
-    """A one-line progress bar on stderr (a line per update when stderr is not a terminal)."""
-
-    def __init__(self, total: int, stream: TextStream | None, start: int):
-        self.total, self.stream, self.start = total, stream, start
-        self.tty = stream is not None and stream.isatty()
-        self.last = 0.0
-
-    def update(
-        self,
-        step: int,
-        loss: float,
-        rate: float,
-        force: bool = False,
-        curvature: float | None = None,
-        remaining: int | None = None,
-    ) -> None:
-        """Show `step`; `rate` is steps/s, `remaining` the steps left in the current phase
-        (for the ETA: the two phases run at very different rates)."""
-        if self.stream is None:
-            return
-        now = time.monotonic()
-        if not force and now - self.last < (0.2 if self.tty else 10.0):
-            return
-        self.last = now
-        frac = step / self.total
-        bar = "#" * int(25 * frac) + "." * (25 - int(25 * frac))
-        extra = "" if curvature is None else f"  curvature {curvature:.4f}"
-        text = f"[{bar}] {step}/{self.total}  loss {loss:.4f}{extra}  {rate:.1f} steps/s"
-        if remaining is not None and rate > 0:
-            seconds = int(remaining / rate)
-            text += f"  ETA {seconds // 60}m{seconds % 60:02d}s" + (
-                " (phase)" if step + remaining < self.total else ""
-            )
-        self.stream.write(("\r" + text) if self.tty else (text + "\n"))
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.stream is not None and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+def _report(
+    config: TrainConfig,
+    step: int,
+    loss: float,
+    terms: dict[str, float],
+    rate: float,
+    phase_end: int,
+    *,
+    final: bool = False,
+) -> ProgressReport:
+    seconds_left = (phase_end - step) / rate if rate > 0 else None
+    phase = "likelihood" if step > config.steps else "simulation-free"
+    return ProgressReport(
+        step, config.total_steps, phase, loss, terms, rate, seconds_left, phase_end, final
+    )
 
 
 def _steps_per_second(step: int, since_step: int, since: float, now: float) -> float:
@@ -210,7 +180,7 @@ def train(
     *,
     resume: bool = False,
     stop_at: int | None = None,
-    progress: TextStream | None = None,
+    progress: TextStream | ProgressSink | None = None,
     log: Callable[[str], None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     model: NFDM | None = None,
@@ -347,11 +317,11 @@ def _loop(
     start: _Start,
     run: RunDirectory,
     end: int,
-    progress: TextStream | None,
+    progress: TextStream | ProgressSink | None,
 ) -> TrainResult:
     """Steps `start.step` to `end`: log every `log_every` steps, save every `save_every`."""
     step, final_loss, checkpoint = start.step, start.loss, start.checkpoint
-    bar = _Progress(config.total_steps, progress, start.step)
+    bar = _display(progress)
     pending: list[tuple[int, LossBreakdown, Array]] = []
     final_terms: dict[str, float] = {}
     started = interval_start = time.perf_counter()
@@ -372,17 +342,17 @@ def _loop(
                 )
 
             phase_end = config.steps if step <= config.steps else config.total_steps
-            remaining = max(min(phase_end, end) - step, 0)
             # A row at the phase boundary too, so no logged interval mixes the two objectives.
             log_now = step % config.log_every == 0 or step == config.steps
             save_now = step % config.save_every == 0 or step == end
             if not (log_now or save_now):
                 # The likelihood phase's steps are ~100x slower: a device sync per step costs
                 # nothing there, and the bar would otherwise sit still for minutes.
-                if step > config.steps and bar.stream is not None:
+                if step > config.steps and bar is not None:
                     rate = _steps_per_second(step, compiled_step, compiled_at, time.perf_counter())
                     loss_now = float(jax.device_get(breakdown.total))
-                    bar.update(step, loss_now, rate, remaining=remaining)
+                    report = _report(config, step, loss_now, {}, rate, min(phase_end, end))
+                    bar.update(report)
                 continue
             terms = jax.device_get([(b, g) for _, b, g in pending])
             totals = np.array([float(b.total) for b, _ in terms])
@@ -397,15 +367,20 @@ def _loop(
             run.log(record)
             pending.clear()
             interval_start = now
-            curvature = record["curvature"] if config.model.curvature > 0 else None
-            bar.update(
-                step,
-                record["loss"],
-                _steps_per_second(step, compiled_step, compiled_at, now) or rate,
-                force=step == end,
-                curvature=curvature,
-                remaining=remaining,
-            )
+            if bar is not None:
+                shown = ("diffusion", "reconstruction")
+                shown += ("curvature",) if config.model.curvature > 0 else ()
+                rate = _steps_per_second(step, compiled_step, compiled_at, now) or rate
+                report = _report(
+                    config,
+                    step,
+                    record["loss"],
+                    {name: record[name] for name in shown},
+                    rate,
+                    min(phase_end, end),
+                    final=step == end,
+                )
+                bar.update(report)
             if save_now:
                 if not _tree_is_finite(stepper.state):
                     raise TrainingDiverged(
@@ -414,7 +389,8 @@ def _loop(
                     )
                 checkpoint = run.save(step, stepper.state, stepper.header(final_loss), config)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return TrainResult(
         run_dir=run.path,
         steps=step,
