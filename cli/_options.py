@@ -60,8 +60,8 @@ ErrorNormOption = Annotated[
     ErrorNormName,
     typer.Option(
         help="How an adaptive step's error is measured over a batch: example-max (every "
-        "example within the tolerance) or batch-rms (the RMS over the batch, as torchdiffeq: "
-        "fewer steps, single examples may exceed it).",
+        "example within the tolerance) or batch-rms (the RMS over the batch, close to "
+        "torchdiffeq's: fewer steps, single examples may exceed it).",
     ),
 ]
 

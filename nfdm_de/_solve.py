@@ -122,8 +122,9 @@ class ErrorNorm(enum.Enum):
 
     - `EXAMPLE_MAX` (default): the largest per-example RMS (`max_example_rms`); every example
       is solved at least as accurately as alone.
-    - `BATCH_RMS`: the RMS over the whole batch (`batch_rms`), the norm of torchdiffeq and of
-      Diffrax's default: fewer steps, with individual examples' errors above the tolerance.
+    - `BATCH_RMS`: the RMS over the whole batch (`batch_rms`), Diffrax's default norm (and
+      close to torchdiffeq's, the largest of each state component's RMS over the batch):
+      fewer steps, with individual examples' errors above the tolerance.
     """
 
     EXAMPLE_MAX = "example-max"
