@@ -13,11 +13,6 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
-def _duration(seconds: float) -> str:
-    whole = int(seconds)
-    return f"{whole // 60}m{whole % 60:02d}s"
-
-
 def _bar(console: Console) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -42,12 +37,7 @@ class RichTrainProgress:
         self.console.print(message, markup=False, highlight=False)
 
     def update(self, report) -> None:
-        status = f"loss {report.loss:.4f}"
-        status += "".join(f"  {name} {value:.4f}" for name, value in report.terms.items())
-        status += f"  {report.steps_per_sec:.1f} steps/s"
-        if report.seconds_left is not None:
-            status += f"  ETA {_duration(report.seconds_left)}"
-            status += " (phase)" if report.phase_end < report.total else ""
+        status = report.status()
         if self.task is None:
             self.progress.start()
             self.task = self.progress.add_task(
@@ -85,9 +75,11 @@ class ExamplesProgress:
             self.progress.stop()
 
     def update(self, count: int) -> None:
+        from nfdm_de._train._progress import format_seconds  # (JAX is loaded by now)
+
         self.done += count
         rate = self.done / max(time.perf_counter() - self.started, 1e-9)
-        status = f"{rate:,.0f} examples/s  ETA {_duration((self.total - self.done) / rate)}"
+        status = f"{rate:,.0f} examples/s  ETA {format_seconds((self.total - self.done) / rate)}"
         if self.progress is not None and self.task is not None:
             self.progress.update(self.task, completed=self.done, status=status)
         else:

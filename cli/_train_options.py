@@ -19,12 +19,6 @@ CHOICES = {
 }
 
 
-def _metavar(name: str) -> str:
-    if name not in CHOICES:
-        raise KeyError(name)
-    return "CHOICE"
-
-
 DataOption = Annotated[
     str | None,
     typer.Option(
@@ -45,7 +39,7 @@ SourceOption = Annotated[
 ForwardOption = Annotated[
     str | None,
     typer.Option(
-        metavar=_metavar("forward"),
+        metavar="CHOICE",
         show_default="neural-gaussian",
         help="Forward process: neural-gaussian (default), linear, vp, learned-schedule, "
         "neural-flow.",
@@ -55,7 +49,7 @@ ForwardOption = Annotated[
 VolatilityOption = Annotated[
     str | None,
     typer.Option(
-        metavar=_metavar("volatility"),
+        metavar="CHOICE",
         show_default="learned",
         help="Volatility g(t): learned (default), constant, zero.",
     ),
@@ -97,7 +91,7 @@ LikelihoodBatchOption = Annotated[
 LikelihoodTraceOption = Annotated[
     str | None,
     typer.Option(
-        metavar=_metavar("likelihood_trace"),
+        metavar="CHOICE",
         show_default="auto",
         help="Divergence in the likelihood phase's solves: auto (default: exact up to 4 "
         "dimensions, else hutchinson), exact (D JVPs) or hutchinson (one probe's JVP, "
@@ -157,7 +151,7 @@ InputOctavesOption = Annotated[
 ForwardAnchorOption = Annotated[
     str | None,
     typer.Option(
-        metavar=_metavar("forward_anchor"),
+        metavar="CHOICE",
         show_default="mixed",
         help="Path the learnable Gaussian forward process is built around: mixed (default; "
         "a learned mixture of the two others), vp or linear.",
@@ -167,7 +161,7 @@ ForwardAnchorOption = Annotated[
 PredictorSkipOption = Annotated[
     str | None,
     typer.Option(
-        metavar=_metavar("predictor_skip"),
+        metavar="CHOICE",
         show_default="gaussian",
         help="Skip connection of the predictor: gaussian (default; the posterior mean on the "
         "forward process's reference path: NFDM's anchor without the network), "
@@ -206,7 +200,7 @@ WarmupOption = Annotated[
 ScheduleOption = Annotated[
     str | None,
     typer.Option(
-        metavar=_metavar("schedule"),
+        metavar="CHOICE",
         show_default="cosine",
         help="After warm-up: cosine (default) or constant.",
     ),

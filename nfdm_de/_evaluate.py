@@ -24,7 +24,7 @@ from ._custom_types import Key
 from ._likelihood import Dequantization, log_likelihood, variational_bound
 from ._model import NFDM
 from ._sharding import data_mesh, resolve_chunks
-from ._solve import ErrorNorm, SolveStats, stepping
+from ._solve import ErrorNorm, SolveStats, check_solve_settings
 from ._terms import AbstractTraceEstimator, ExactTrace, Hutchinson
 from ._train._load import LoadedRun
 
@@ -157,14 +157,8 @@ def check_evaluation(
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
     if NLLMethod.ODE in methods:
-        stepping(
-            solver,
-            steps=steps,
-            rtol=rtol,
-            atol=atol,
-            max_steps=max_steps,
-            sde=False,
-            error_norm=error_norm,
+        check_solve_settings(
+            solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, error_norm=error_norm
         )
     mesh = data_mesh() if mesh is None else mesh
     devices = int(mesh.devices.size)

@@ -30,6 +30,19 @@ class ProgressReport:
     phase_end: int
     final: bool = False
 
+    def status(self, terms: tuple[str, ...] | None = None) -> str:
+        """`loss 0.1234  <term> 0.5678  12.3 steps/s  ETA 0m05s (phase)`: the loss, the named
+        `terms` present (default: all), the rate and the time left ("(phase)" when the current
+        phase ends before the run)."""
+        names = tuple(self.terms) if terms is None else terms
+        text = f"loss {self.loss:.4f}"
+        text += "".join(f"  {n} {self.terms[n]:.4f}" for n in names if n in self.terms)
+        text += f"  {self.steps_per_sec:.1f} steps/s"
+        if self.seconds_left is not None:
+            text += f"  ETA {format_seconds(self.seconds_left)}"
+            text += " (phase)" if self.phase_end < self.total else ""
+        return text
+
 
 @runtime_checkable
 class ProgressSink(Protocol):
@@ -73,14 +86,7 @@ class StreamProgress:
         self.last = now
         frac = report.step / report.total
         bar = "#" * int(25 * frac) + "." * (25 - int(25 * frac))
-        text = f"[{bar}] {report.step}/{report.total}  loss {report.loss:.4f}"
-        if "curvature" in report.terms:
-            text += f"  curvature {report.terms['curvature']:.4f}"
-        text += f"  {report.steps_per_sec:.1f} steps/s"
-        if report.seconds_left is not None:
-            text += f"  ETA {format_seconds(report.seconds_left)}"
-            if report.phase_end < report.total:
-                text += " (phase)"
+        text = f"[{bar}] {report.step}/{report.total}  {report.status(('curvature',))}"
         self.stream.write(("\r" + text) if self.tty else (text + "\n"))
         self.stream.flush()
 
