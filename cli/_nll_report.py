@@ -5,7 +5,7 @@ import math
 
 import typer
 
-from cli._solvers import atomic_save, json_number
+from ._solvers import atomic_save, json_number
 
 
 def summary_of(results, headline, method: str, truth, dims: int, trace) -> dict:

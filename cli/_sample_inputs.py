@@ -71,7 +71,8 @@ def reference_points(reference: str | None, num: int, run):
 
 def draw(run, path, samples, reference, trajectories, key, settings, title, sources=None) -> None:
     import nfdm_de as nd
-    from cli._plots import plot_samples
+
+    from ._plots import plot_samples
 
     paths = None
     if trajectories:

@@ -8,10 +8,10 @@ from typing import Annotated
 
 import typer
 
-from cli._errors import one_line_errors
-from cli.nll import nll as _nll
-from cli.sample import sample as _sample
-from cli.train import train as _train
+from ._errors import one_line_errors
+from .nll import nll as _nll
+from .sample import sample as _sample
+from .train import train as _train
 
 app = typer.Typer(
     name="nfdm-de",

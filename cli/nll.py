@@ -14,8 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
-from cli._nll_report import report, summary_of, write_per_example
-from cli._options import (
+from ._nll_report import report, summary_of, write_per_example
+from ._options import (
     AtolOption,
     ChunksOption,
     DataOption,
@@ -34,8 +34,8 @@ from cli._options import (
     Trace,
     TraceOption,
 )
-from cli._progress import ExamplesProgress
-from cli._solvers import (
+from ._progress import ExamplesProgress
+from ._solvers import (
     check_chunks,
     check_output_path,
     check_seed,

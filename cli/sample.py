@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli._options import (
+from ._options import (
     AtolOption,
     ChunksOption,
     JsonOption,
@@ -19,9 +19,9 @@ from cli._options import (
     StepsAliasOption,
     StepsOption,
 )
-from cli._progress import working
-from cli._sample_inputs import bridge_sources, draw, reference_points
-from cli._solvers import (
+from ._progress import working
+from ._sample_inputs import bridge_sources, draw, reference_points
+from ._solvers import (
     atomic_save,
     check_chunks,
     check_output_path,

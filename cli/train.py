@@ -9,10 +9,10 @@ from typing import Any
 
 import typer
 
-from cli import _train_options as opt
-from cli._options import JsonOption
-from cli._progress import RichTrainProgress, interactive
-from cli._settings import read_toml, resolve
+from . import _train_options as opt
+from ._options import JsonOption
+from ._progress import RichTrainProgress, interactive
+from ._settings import read_toml, resolve
 
 # The options that are not settings of the run.
 _NOT_SETTINGS = ("run_dir", "config", "resume", "json_output", "coordinator", "num_processes")

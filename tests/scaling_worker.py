@@ -16,7 +16,7 @@ sys.path.insert(0, REPO)
 
 from typer.testing import CliRunner  # noqa: E402
 
-from cli.main import app  # noqa: E402
+from nfdm_de.cli.main import app  # noqa: E402
 
 TRAIN = [
     "train",

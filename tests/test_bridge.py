@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 import nfdm_de as nd
-from cli.main import app
+from nfdm_de.cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -177,7 +177,7 @@ def test_sigkill_during_training_then_exact_resume(tmp_path):
         [
             sys.executable,
             "-m",
-            "cli.main",
+            "nfdm_de.cli.main",
             "train",
             "--config",
             str(config_file),

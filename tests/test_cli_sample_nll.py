@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import nfdm_de as nd
-from cli.main import app
+from nfdm_de.cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -200,7 +200,7 @@ def test_nll_in_a_real_subprocess(runs, tmp_path):
     np.save(data, nd.load_dataset("rings", split="test", num=30, seed=0).astype(np.float32))
     nll_args = ["nll", "--run-dir", str(runs["stochastic"]), "--data", str(data), "--num", "30",
                 "--method", "ode", "--solver", "heun", "--steps", "4", "--json"]  # fmt: skip
-    args = [sys.executable, "-m", "cli.main", *nll_args]
+    args = [sys.executable, "-m", "nfdm_de.cli.main", *nll_args]
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

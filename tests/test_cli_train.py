@@ -12,7 +12,7 @@ from test_train import TINY
 from typer.testing import CliRunner
 
 import nfdm_de as nd
-from cli.main import app
+from nfdm_de.cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -96,7 +96,7 @@ def test_end_to_end_subprocess(tmp_path):
         [
             sys.executable,
             "-m",
-            "cli.main",
+            "nfdm_de.cli.main",
             "train",
             "--data",
             "two-moons",
@@ -232,7 +232,7 @@ def test_existing_run_is_never_overwritten(tmp_path):
 
 
 def test_toml_tables_and_flag_precedence(tmp_path):
-    from cli._settings import read_toml, resolve
+    from nfdm_de.cli._settings import read_toml, resolve
 
     path = tmp_path / "c.toml"
     path.write_text(
@@ -276,7 +276,7 @@ def test_help_defaults_are_the_librarys():
     import enum
     import typing
 
-    from cli import _train_options as options
+    from nfdm_de.cli import _train_options as options
 
     config = nd.TrainConfig()
     checked = 0
@@ -293,7 +293,7 @@ def test_help_defaults_are_the_librarys():
 
 
 def test_train_help_lists_every_enum_setting_choice():
-    from cli._train_options import CHOICES
+    from nfdm_de.cli._train_options import CHOICES
 
     enums = {
         "forward": nd.ForwardChoice,
@@ -317,7 +317,7 @@ def test_train_help_lists_every_enum_setting_choice():
 
 
 def test_malformed_command_lines_are_one_line_and_exit_2(capsys):
-    from cli.main import run
+    from nfdm_de.cli.main import run
 
     cases = [
         (["nll", "--run-dir", "x", "--data", "y", "--method", "xyz"], "'xyz' is not one of"),

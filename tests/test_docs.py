@@ -11,7 +11,7 @@ import jax
 import pytest
 import typer
 
-from cli.main import app
+from nfdm_de.cli.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 import nfdm_de as nd
-from cli.main import app
+from nfdm_de.cli.main import app
 
 runner = CliRunner()
 

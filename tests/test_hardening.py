@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 import nfdm_de as nd
 import nfdm_de._files as files
-from cli.main import app
+from nfdm_de.cli.main import app
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -341,7 +341,15 @@ def test_cli_keeps_compiled_programs_between_runs(tmp_path):
     args = ["train", *TINY, "--steps", "3", "--width", "8", "--forward", "linear"]
 
     def run(*extra, run_dir):
-        command = [sys.executable, "-m", "cli.main", *extra, *args, "--run-dir", str(run_dir)]
+        command = [
+            sys.executable,
+            "-m",
+            "nfdm_de.cli.main",
+            *extra,
+            *args,
+            "--run-dir",
+            str(run_dir),
+        ]
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
 

@@ -20,8 +20,8 @@ import pytest
 from typer.testing import CliRunner
 
 import nfdm_de as nd
-from cli.main import app
 from nfdm_de._evaluate import BOUND_TIME_POWER
+from nfdm_de.cli.main import app
 
 runner = CliRunner()
 TINY = ["--steps", "3", "--batch-size", "16", "--channels", "2", "--warmup", "1"]

@@ -195,7 +195,7 @@ def test_two_processes_resume_and_match_one_process(runs, tmp_path, launch):
     processes = []
     for i, (out, err) in enumerate(logs):
         with open(out, "w") as stdout, open(err, "w") as stderr:
-            command = [sys.executable, "-m", "cli.main", *TRAIN, "--run-dir", str(run)]
+            command = [sys.executable, "-m", "nfdm_de.cli.main", *TRAIN, "--run-dir", str(run)]
             command += ["--resume", "--json"]
             env = _env(1)
             if launch == "flags":

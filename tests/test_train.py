@@ -400,7 +400,7 @@ def test_cli_progress_displays():
 
     from rich.console import Console
 
-    from cli._progress import ExamplesProgress, RichTrainProgress
+    from nfdm_de.cli._progress import ExamplesProgress, RichTrainProgress
 
     out = io.StringIO()
     display = RichTrainProgress(Console(file=out, force_terminal=True, width=160))

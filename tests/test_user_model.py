@@ -13,7 +13,7 @@ from jaxtyping import Array, Float
 from typer.testing import CliRunner
 
 import nfdm_de as nd
-from cli.main import app
+from nfdm_de.cli.main import app
 
 
 class ScaledInterpolant(nd.AbstractGaussianForwardProcess):
