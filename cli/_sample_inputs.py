@@ -69,7 +69,34 @@ def reference_points(reference: str | None, num: int, run):
     return points
 
 
-def draw(run, path, samples, reference, trajectories, key, settings, title, sources=None) -> None:
+def class_model(run, label: int | None):
+    """The NFDM that `sample` draws from: the run's model, conditioned on class `label` for a
+    class-conditional run (which needs one)."""
+    import jax.numpy as jnp
+
+    import nfdm_de as nd
+
+    classes = run.config.model.num_classes
+    if not isinstance(run.model, nd.NFDM):
+        if label is not None:
+            raise ValueError("--label draws from one class of a class-conditional NFDM run.")
+        return run.model
+    if classes is None:
+        if label is not None:
+            raise ValueError("--label needs a class-conditional run; this one is unconditional.")
+        return run.model
+    if label is None:
+        raise ValueError(
+            f"this run is class-conditional: give --label K, a class in [0, {classes})."
+        )
+    if not 0 <= label < classes:
+        raise ValueError(f"--label must be a class in [0, {classes}); got {label}.")
+    return run.model.conditioned(jnp.asarray(label, jnp.int32))
+
+
+def draw(
+    run, path, samples, reference, trajectories, key, settings, title, sources=None, model=None
+) -> None:
     import nfdm_de as nd
 
     from ._plots import plot_samples
@@ -77,7 +104,8 @@ def draw(run, path, samples, reference, trajectories, key, settings, title, sour
     paths = None
     if trajectories:
         count = min(samples.shape[0], TRAJECTORY_PATHS)
-        _, z, _ = nd.sample_trajectories(run.model, count, key=key, **settings)
+        model = run.model if model is None else model
+        _, z, _ = nd.sample_trajectories(model, count, key=key, **settings)
         paths = run.to_data_units(z.reshape(-1, 2)).reshape(-1, count, 2)
     plot_samples(
         path,

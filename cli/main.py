@@ -34,7 +34,7 @@ def compile_cache_dir() -> Path:
     return Path(base) / "nfdm-de" / "jax"
 
 
-def _print_version(value: bool) -> None:
+def _print_version(value: bool | None) -> None:
     if value:
         import importlib.metadata
 
@@ -58,7 +58,7 @@ def main(
         ),
     ] = False,
     version: Annotated[
-        bool,
+        bool | None,  # None from Typer when the flag is absent (an eager option)
         typer.Option(
             "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
         ),

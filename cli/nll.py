@@ -100,6 +100,7 @@ def nll(
         trace_object = nd.ExactTrace() if trace is Trace.exact else nd.Hutchinson(probes)
     # The held-out set does not depend on --seed (which drives the estimators only).
     x = nd.check_examples(run, nd.load_dataset(data, split="test", num=num)[:num], f"data {data!r}")
+    labels = nd.check_labels(run, nd.load_labels(data, num), len(x))
     names = ", ".join(m.value for m in methods)
     typer.echo(
         f"NLL of {len(x)} examples of {data} under {run_dir} (step {run.step}): {names}", err=True
@@ -113,6 +114,7 @@ def nll(
             trace=trace_object,
             bound_samples=bound_samples,
             progress=bar.update,
+            labels=labels,
             **settings,
         )
     headline = default if len(methods) > 1 else methods[0]
@@ -123,6 +125,7 @@ def nll(
     summary.update(solver=solver if nd.NLLMethod.ODE in results else None, data=data)
     summary.update(discrete=run.num_levels is not None, run_dir=os.fspath(run_dir))
     summary.update(checkpoint_step=run.step, devices=devices, chunks=chunks or devices)
+    summary.update(conditional=labels is not None)
     if nd.NLLMethod.ODE in results:
         summary.update(steps=steps, rtol=rtol, atol=atol, error_norm=error_norm.value)
     if per_example is not None:

@@ -20,7 +20,7 @@ from ._options import (
     StepsOption,
 )
 from ._progress import working
-from ._sample_inputs import bridge_sources, draw, reference_points
+from ._sample_inputs import bridge_sources, class_model, draw, reference_points
 from ._solvers import (
     atomic_save,
     check_chunks,
@@ -77,6 +77,10 @@ def sample(
         bool, typer.Option("--trajectories", help="Draw generative paths on the --plot (2-D).")
     ] = False,
     reference: ReferenceOption = None,
+    label: Annotated[
+        int | None,
+        typer.Option(help="Class-conditional runs: draw from class K (required for them)."),
+    ] = None,
     max_steps: MaxStepsOption = 4096,
     chunks: ChunksOption = None,
     json_output: JsonOption = False,
@@ -109,6 +113,7 @@ def sample(
     if plot is not None:
         nd.figure_format(os.fspath(plot))
     conditions, num = bridge_sources(run, source, num, trajectories)
+    model = class_model(run, label)
     reference_data = reference_points(reference, num, run)
     key = jr.key(seed)
     what = "mapping" if isinstance(run.model, nd.BridgeModel) else "sampling"
@@ -119,8 +124,8 @@ def sample(
             z, stats = nd.bridge_sample(run.model, conditions, key=key, **settings)
             devices = used_chunks = 1
         else:
-            assert isinstance(run.model, nd.NFDM)
-            z, stats = nd.sample(run.model, num, key=key, mesh=mesh, num_chunks=chunks, **settings)
+            assert isinstance(model, nd.NFDM)
+            z, stats = nd.sample(model, num, key=key, mesh=mesh, num_chunks=chunks, **settings)
             devices = int(mesh.devices.size)
             used_chunks = chunks or devices
     samples = run.to_data_units(z)
@@ -130,7 +135,7 @@ def sample(
     )
     summary.update(steps=steps, rtol=rtol, atol=atol, accepted_steps=stats.accepted_steps)
     summary.update(rejected_steps=stats.rejected_steps, out=out_path, run_dir=os.fspath(run_dir))
-    summary.update(checkpoint_step=run.step, devices=devices, chunks=used_chunks)
+    summary.update(checkpoint_step=run.step, devices=devices, chunks=used_chunks, label=label)
     line = f"{num} samples -> {out_path}; NFE {stats.nfe:.0f} per sample, {stats.seconds:.2f} s"
     if reference_data is not None:
         flat = samples.reshape(num, -1)
@@ -139,6 +144,8 @@ def sample(
         line += f"; MMD^2 {summary['mmd']:.4g}, energy distance {summary['energy_distance']:.4g}"
     if plot is not None:
         title = f"{run_dir} step {run.step}: {name}{' SDE' if sde else ''}, NFE {stats.nfe:.0f}"
+        if label is not None:
+            title += f", class {label}"
         sources = None
         if conditions is not None and run.source_transform is not None:
             sources = np.asarray(run.source_transform.from_model(conditions), np.float64)
@@ -152,6 +159,7 @@ def sample(
             settings,
             title,
             sources,
+            model,
         )
         summary["plot"] = os.fspath(plot)
     typer.echo(line, err=True)

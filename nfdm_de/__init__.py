@@ -56,6 +56,7 @@ from ._data._loading import (
     is_image_source as is_image_source,
     load_dataset as load_dataset,
     load_images as load_images,
+    load_labels as load_labels,
 )
 from ._data._stream import (
     BatchStream as BatchStream,
@@ -70,6 +71,7 @@ from ._evaluate import (
     NLLResult as NLLResult,
     check_evaluation as check_evaluation,
     check_examples as check_examples,
+    check_labels as check_labels,
     default_evaluation_trace as default_evaluation_trace,
     default_nll_method as default_nll_method,
     evaluate_nll as evaluate_nll,
@@ -114,6 +116,7 @@ from ._ml import (
 from ._model import NFDM as NFDM, AbstractDiffusionModel as AbstractDiffusionModel
 from ._nn import (
     TIME_MAX_FREQUENCY as TIME_MAX_FREQUENCY,
+    ContextMLP as ContextMLP,
     FourierInputFeatures as FourierInputFeatures,
     FourierTimeFeatures as FourierTimeFeatures,
     MonotoneUnitInterval as MonotoneUnitInterval,
@@ -233,6 +236,7 @@ __all__ = [
     "PredictorSkipChoice",
     "mlp_predictor",
     "TimeConditionedMLP",
+    "ContextMLP",
     "UNet",
     "unet_predictor",
     "unet_neural_gaussian",
@@ -276,6 +280,7 @@ __all__ = [
     "LoadedRun",
     # data
     "load_dataset",
+    "load_labels",
     "get_dataset",
     "true_nll",
     "AbstractDataset",

@@ -110,6 +110,29 @@ def check_examples(run: LoadedRun, x: np.ndarray, where: str) -> np.ndarray:
     return x
 
 
+def check_labels(run: LoadedRun, labels: np.ndarray | None, num: int) -> np.ndarray | None:
+    """The class of each of `num` examples for a class-conditional run (None otherwise), as
+    int32, or the ValueError that says what is missing or wrong."""
+    classes = run.config.model.num_classes
+    if classes is None:
+        if labels is not None:
+            raise ValueError("the data has class labels, but this run's model is unconditional.")
+        return None
+    if labels is None:
+        raise ValueError(
+            f"this run's model is class-conditional ({classes} classes): give data with labels "
+            "(a .npz with a 'labels' array)."
+        )
+    labels = np.asarray(labels)
+    if labels.shape != (num,):
+        raise ValueError(f"expected one label per example ({num}); got shape {labels.shape}.")
+    if labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(
+            f"labels must be in [0, {classes}); got values in [{labels.min()}, {labels.max()}]."
+        )
+    return labels.astype(np.int32)
+
+
 def _dequantization(run: LoadedRun) -> Dequantization | None:
     """The run's data transform as a dequantizer: s = (y - shift) / scale, y = (x + u) / K."""
     if run.num_levels is None:
@@ -183,8 +206,12 @@ def evaluate_nll(
     mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[int], None] | None = None,
     error_norm: ErrorNorm = ErrorNorm.EXAMPLE_MAX,
+    labels: np.ndarray | None = None,
 ) -> dict[NLLMethod, NLLResult]:
     """The NLL of every example of `x` (data units, the run's data shape) by each of `methods`.
+
+    A class-conditional run needs `labels`, one class per example: the result is then
+    -log p(x_i | label_i).
 
     - `trace`: the ODE's divergence estimator (default `default_evaluation_trace` of the dimension).
     - `solver`, `rtol`, `atol`, `steps`, `max_steps`, `error_norm`: the ODE solve, as in
@@ -212,6 +239,7 @@ def evaluate_nll(
     )
     model = _unconditional_model(run)
     x = check_examples(run, x, "the data")
+    labels = check_labels(run, labels, x.shape[0])
     dims = math.prod(model.data_shape)
     trace = default_evaluation_trace(dims) if trace is None else trace
     dequantization = _dequantization(run)
@@ -225,7 +253,11 @@ def evaluate_nll(
     for index, start in enumerate(range(0, total, size)):
         batch = x[start : start + size]
         count = batch.shape[0]
-        batch = np.concatenate([batch, batch[np.arange(size - count) % count]])
+        pad = np.arange(size - count) % count
+        batch = np.concatenate([batch, batch[pad]])
+        context = None
+        if labels is not None:
+            context = jnp.asarray(np.concatenate([labels[start : start + size], labels[pad]]))
         if dequantization is None:
             model_batch = run.transform.to_model(jnp.asarray(batch, jnp.result_type(float)))
         else:
@@ -239,6 +271,7 @@ def evaluate_nll(
                     key=batch_key,
                     dequantization=dequantization,
                     trace=trace,
+                    context=context,
                     **solve,
                 )
                 nll = -(np.asarray(estimate.value)[:count] + log_jacobian)
@@ -251,6 +284,7 @@ def evaluate_nll(
                     dequantization=dequantization,
                     mesh=mesh,
                     time_power=BOUND_TIME_POWER,
+                    context=context,
                 )
                 nll = np.asarray(estimate.value)[:count] - log_jacobian
             values[method].append(nll)

@@ -22,7 +22,7 @@ from jaxtyping import Array, Float, Shaped
 from ._custom_types import Key
 from ._forward import standard_normal_log_prob
 from ._loss import example_loss, importance_times
-from ._model import NFDM
+from ._model import NFDM, check_context
 from ._sample import PER_EXAMPLE_DEFAULT
 from ._sharding import DATA_AXIS, check_divisible, map_chunks, mesh_size, resolve_chunks
 from ._solve import ErrorNorm, SolveReport, SolveStats, Stepping, report, saved, stepping, timed
@@ -137,45 +137,49 @@ def _likelihood_solve(
     trace: AbstractTraceEstimator,
     solver: dfx.AbstractSolver,
     settings: Stepping,
+    context: Array | None = None,
 ) -> tuple[Array, SolveReport]:
     y0 = (x, jnp.zeros((x.shape[0], trace.num_estimates), x.dtype))
-    sol = settings.solve(likelihood_term(model, trace), solver, y0, args=probes)
+    sol = settings.solve(likelihood_term(model, trace), solver, y0, args=(probes, context))
     z1, delta_logp = saved(sol)
     log_prob = jax.vmap(standard_normal_log_prob)(z1[0])[:, None] + delta_logp[0]
     return log_prob, report(sol, solver, sde=False)
 
 
-def _solve_batch(model, x, probes, trace, solver, settings, per_example):
+def _solve_batch(model, x, probes, trace, solver, settings, per_example, context=None):
     if per_example:
 
-        def one(x_i, probes_i):
+        def one(x_i, probes_i, c_i):
             probes_i = None if probes_i is None else probes_i[:, None]
-            log_prob, rep = _likelihood_solve(model, x_i[None], probes_i, trace, solver, settings)
+            c_i = None if c_i is None else c_i[None]
+            log_prob, rep = _likelihood_solve(
+                model, x_i[None], probes_i, trace, solver, settings, c_i
+            )
             return log_prob[0], rep
 
         probe_axis = None if probes is None else 1
-        return jax.vmap(one, in_axes=(0, probe_axis))(x, probes)
-    return _likelihood_solve(model, x, probes, trace, solver, settings)
+        return jax.vmap(one, in_axes=(0, probe_axis, 0))(x, probes, context)
+    return _likelihood_solve(model, x, probes, trace, solver, settings, context)
 
 
 @eqx.filter_jit
 def _log_likelihood_core(
-    model, x, key, trace, solver, settings, per_example, num_chunks=1, mesh=None
+    model, x, key, trace, solver, settings, per_example, num_chunks=1, mesh=None, context=None
 ):
     # Probes are drawn for the whole batch, so they do not depend on the chunking.
     probes = trace.probes(key, x)
     if num_chunks == 1 and mesh is None:
-        return _solve_batch(model, x, probes, trace, solver, settings, per_example)
+        return _solve_batch(model, x, probes, trace, solver, settings, per_example, context)
 
     def chunk(rows, shared, index):
         del index
         model, trace, solver, settings = shared
-        x, probes = rows
+        x, probes, context = rows
         probes = None if probes is None else jnp.moveaxis(probes, 0, 1)
-        return _solve_batch(model, x, probes, trace, solver, settings, per_example)
+        return _solve_batch(model, x, probes, trace, solver, settings, per_example, context)
 
     # Probes are (estimates, batch, ...): chunk them along their batch axis.
-    rows = (x, None if probes is None else jnp.moveaxis(probes, 1, 0))
+    rows = (x, None if probes is None else jnp.moveaxis(probes, 1, 0), context)
     shared = (model, trace, solver, settings)
     log_prob, rep = map_chunks(chunk, rows, shared, num_chunks=num_chunks, mesh=mesh)
     return log_prob.reshape(x.shape[0], *log_prob.shape[2:]), rep
@@ -197,6 +201,7 @@ def log_likelihood(
     per_example: bool = PER_EXAMPLE_DEFAULT,
     mesh: jax.sharding.Mesh | None = None,
     num_chunks: int | None = None,
+    context: Shaped[Array, " batch *context"] | None = None,
 ) -> tuple[Estimate, SolveStats]:
     """log p(x) of the deterministic generative model through the probability-flow ODE.
 
@@ -220,11 +225,14 @@ def log_likelihood(
     - `mesh`, `num_chunks`: spread the batch over the devices of a `data_mesh()` as
       `num_chunks` independent solves (default one per device), as in `sample`; a one-device
       run with the same `num_chunks` gives the same values.
+    - `context`: for a conditional model, one context per example (class labels or vectors):
+      the result is log p(x_i | c_i), all examples in one solve.
 
     **Returns:** `(Estimate(log p, example_stderr), SolveStats)`; the standard error is over the K
     Hutchinson probes of each example (zero for the exact trace).
     """
     _check_data(model, x)
+    check_context(model, context, x.shape[0])
     settings = stepping(
         solver,
         steps=steps,
@@ -255,6 +263,7 @@ def log_likelihood(
         per_example,
         num_chunks,
         mesh,
+        context,
         num=num,
         solver=solver,
         settings=settings,
@@ -265,16 +274,17 @@ def log_likelihood(
 
 
 @eqx.filter_jit
-def _bound_core(model, x, key, num_samples, time_power):
-    def one(x_i, key_i):
+def _bound_core(model, x, key, num_samples, time_power, context=None):
+    def one(x_i, key_i, c_i):
+        model_i = model if c_i is None else model.conditioned(c_i)
         t_key, eps_key = jr.split(key_i)
         t, w = importance_times(num_samples, time_power, x_i.dtype, key=t_key)
         eps = jr.normal(eps_key, (num_samples, *x_i.shape), x_i.dtype)
         return jax.vmap(
-            lambda t_j, eps_j, w_j: example_loss(model, x_i, t_j, eps_j, time_weight=w_j).total
+            lambda t_j, eps_j, w_j: example_loss(model_i, x_i, t_j, eps_j, time_weight=w_j).total
         )(t, eps, w)
 
-    return jax.vmap(one)(x, jr.split(key, x.shape[0]))
+    return jax.vmap(one)(x, jr.split(key, x.shape[0]), context)
 
 
 def variational_bound(
@@ -286,6 +296,7 @@ def variational_bound(
     dequantization: Dequantization | None = None,
     mesh: jax.sharding.Mesh | None = None,
     time_power: float = 1.0,
+    context: Shaped[Array, " batch *context"] | None = None,
 ) -> tuple[Estimate, SolveStats]:
     """The variational upper bound on -log p(x) of the stochastic model, in nats (docs/math.md,
     "The bound").
@@ -301,8 +312,10 @@ def variational_bound(
 
     `mesh`: shard the batch over the devices of a `data_mesh()` (the batch size must divide by
     their number); there is no solve, so this is plain data parallelism with the same values.
+    `context`: one context per example for a conditional model (a bound on -log p(x_i | c_i)).
     """
     _check_data(model, x)
+    check_context(model, context, x.shape[0])
     if model.is_deterministic:
         raise ValueError(
             "The variational bound needs a stochastic model (g > 0); this model has g = 0, so "
@@ -315,8 +328,12 @@ def variational_bound(
     if mesh is not None:
         check_divisible(x.shape[0], mesh, "the batch size")
         x = jax.device_put(x, NamedSharding(mesh, P(DATA_AXIS)))
+        if context is not None:
+            context = jax.device_put(context, NamedSharding(mesh, P(DATA_AXIS)))
     start = time.perf_counter()
-    samples = jax.block_until_ready(_bound_core(model, x, key, num_samples, float(time_power)))
+    samples = jax.block_until_ready(
+        _bound_core(model, x, key, num_samples, float(time_power), context)
+    )
     seconds = time.perf_counter() - start
     estimate = _estimate(samples, True)
     stats = SolveStats(

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 from jax.typing import DTypeLike
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Shaped
 
 from ._custom_types import Data, Key, Scalar, Time
 from ._forward import standard_normal_log_prob
-from ._model import NFDM
+from ._model import NFDM, check_context
 
 
 class LossBreakdown(eqx.Module):
@@ -140,11 +140,13 @@ def loss(
     key: Key,
     curvature_weight: float = 0.0,
     time_power: float = 3.0,
+    context: Shaped[Array, " batch *context"] | None = None,
 ) -> tuple[Scalar, LossBreakdown]:
     """The batch objective: mean of `example_loss` over the batch, with stratified times,
     importance-sampled as t = u^time_power (see `importance_times`; 1 = uniform). The default
     is `train`'s (`ModelConfig.time_power`): the same expected value as uniform times with a
-    smaller variance.
+    smaller variance. A conditional model takes one `context` per example (class labels or
+    vectors): example i's loss is that of `model.conditioned(context[i])`.
 
     Returns the scalar to minimise and the batch-mean `LossBreakdown`.
     """
@@ -153,13 +155,19 @@ def loss(
             f"Data of shape {x.shape[1:]} per example does not match the model's data shape "
             f"{model.data_shape}."
         )
+    check_context(model, context, x.shape[0])
     t_key, eps_key = jr.split(key)
     t, weight = importance_times(x.shape[0], time_power, x.dtype, key=t_key)
     eps = jr.normal(eps_key, x.shape, x.dtype)
     per_example = jax.vmap(
-        lambda x_i, t_i, eps_i, w_i: example_loss(
-            model, x_i, t_i, eps_i, curvature_weight=curvature_weight, time_weight=w_i
+        lambda x_i, t_i, eps_i, w_i, c_i: example_loss(
+            model if c_i is None else model.conditioned(c_i),
+            x_i,
+            t_i,
+            eps_i,
+            curvature_weight=curvature_weight,
+            time_weight=w_i,
         )
-    )(x, t, eps, weight)
+    )(x, t, eps, weight, context)
     mean = jax.tree.map(jnp.mean, per_example)
     return mean.total, mean

@@ -12,11 +12,11 @@ Diffrax's `RecursiveCheckpointAdjoint`).
 import diffrax as dfx
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Shaped
 
 from ._custom_types import Key, Scalar
 from ._likelihood import _likelihood_solve
-from ._model import NFDM
+from ._model import NFDM, check_context
 from ._solve import ErrorNorm, check_solver, stepping
 from ._terms import AbstractTraceEstimator, ExactTrace
 
@@ -57,11 +57,12 @@ def ode_nll(
     settings: LikelihoodSolve = LikelihoodSolve(),
     *,
     key: Key | None = None,
+    context: Shaped[Array, " batch *context"] | None = None,
 ) -> tuple[Float[Array, " batch"], Int[Array, ""]]:
     """-log p(x) of the probability-flow ODE per example (model space, nats), differentiable
     with respect to the model; and the number of solver steps taken (all examples share one
     adaptive solve). A random `settings.trace` (Hutchinson) needs `key` for its probes and
-    returns the mean of its estimates.
+    returns the mean of its estimates. A conditional model takes one `context` per example.
 
     Examples whose solve did not finish within `max_steps` get NaN, so a training loop sees a
     non-finite loss instead of a silently truncated one.
@@ -71,6 +72,7 @@ def ode_nll(
             f"ode_nll expects a batch of vectors of shape (batch, {model.data_shape[0]}); got "
             f"{tuple(x.shape)} (the likelihood phase supports vector data only)."
         )
+    check_context(model, context, x.shape[0])
     probes = None
     if settings.trace.is_random:
         if key is None:
@@ -87,7 +89,9 @@ def ode_nll(
         sde=False,
         error_norm=settings.error_norm,
     )
-    log_prob, solve = _likelihood_solve(model, x, probes, settings.trace, settings.solver, steps)
+    log_prob, solve = _likelihood_solve(
+        model, x, probes, settings.trace, settings.solver, steps, context
+    )
     nll = -jnp.mean(log_prob, axis=1)
     return jnp.where(solve.failed, jnp.nan, nll), solve.accepted + solve.rejected
 
@@ -98,7 +102,8 @@ def ode_nll_loss(
     settings: LikelihoodSolve = LikelihoodSolve(),
     *,
     key: Key | None = None,
+    context: Shaped[Array, " batch *context"] | None = None,
 ) -> Scalar:
     """The batch-mean ODE NLL: the objective of the likelihood phase."""
-    nll, _ = ode_nll(model, x, settings, key=key)
+    nll, _ = ode_nll(model, x, settings, key=key, context=context)
     return jnp.mean(nll)

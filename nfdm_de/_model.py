@@ -5,8 +5,9 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array
 
-from ._custom_types import Data, Network, Scalar, Time
+from ._custom_types import Context, Data, Network, Scalar, Time
 from ._forward import AbstractForwardProcess
 from ._nn import Predictor, PredictorSkipChoice
 from ._volatility import AbstractVolatility
@@ -54,14 +55,24 @@ class NFDM(AbstractDiffusionModel):
     - `predictor`: any module `(z, t) -> x_hat` on one example. A library `Predictor` is
       called with the forward process's `reference_path(t)` (or, for the `gaussian-full`
       skip, its `skip_path(t, z)`) as well, which its skip connection is built on (`predict`).
+      A conditional predictor takes the context last, `(z, t, c)`; it declares itself with an
+      `example_context()` method returning a context of the right shape (as `Predictor`
+      around a `ContextMLP` does).
     - `volatility`: any `AbstractVolatility`.
     - `data_shape`: the shape of one example. Inferred from an MLP predictor when omitted.
+
+    **Conditional models.** With a conditional predictor the model is p(x | c):
+    `conditioned(c)` fixes the context of one example and returns an NFDM to which `loss`,
+    `sample` and `log_likelihood` apply unchanged; those functions also take a batch of
+    per-example contexts (`context=`). The forward process q(z_t | x) does not see c: x
+    already carries it.
     """
 
     forward: AbstractForwardProcess
     predictor: Network
     volatility: AbstractVolatility
     data_shape: tuple[int, ...] = eqx.field(static=True)
+    context: Context | None
 
     def __init__(
         self,
@@ -90,7 +101,30 @@ class NFDM(AbstractDiffusionModel):
         self.predictor = predictor
         self.volatility = volatility
         self.data_shape = tuple(int(n) for n in data_shape)
+        self.context = None
         self._check_shapes()
+
+    @property
+    def is_conditional(self) -> bool:
+        """Whether the predictor takes a context (see `example_context`)."""
+        return self.example_context() is not None
+
+    def example_context(self) -> Context | None:
+        """A context of the predictor's shape and dtype, or None for an unconditional model."""
+        example = getattr(self.predictor, "example_context", None)
+        return None if example is None else example()
+
+    def conditioned(self, context: Context) -> "NFDM":
+        """This model with the context of one example fixed: p(x | c) as an NFDM."""
+        example = self.example_context()
+        if example is None:
+            raise ValueError("this model is unconditional: its predictor takes no context.")
+        context = jnp.asarray(context)
+        if context.shape != example.shape:
+            raise ValueError(
+                f"a context of this model has shape {example.shape}; got {context.shape}."
+            )
+        return eqx.tree_at(lambda m: m.context, self, context, is_leaf=lambda x: x is None)
 
     def _check_shapes(self) -> None:
         # Trace (without computing) one velocity and one forward-process evaluation, so that
@@ -101,8 +135,10 @@ class NFDM(AbstractDiffusionModel):
         dtype = dtypes.pop() if len(dtypes) == 1 else jnp.result_type(float)
         z = jax.ShapeDtypeStruct(self.data_shape, dtype)
         t = jax.ShapeDtypeStruct((), dtype)
+        example = self.example_context()
+        model = self if example is None else self.conditioned(example)
         try:
-            out = eqx.filter_eval_shape(lambda m, z, t: m.velocity(z, t), self, z, t)
+            out = eqx.filter_eval_shape(lambda m, z, t: m.velocity(z, t), model, z, t)
         except (ValueError, TypeError) as error:
             raise ValueError(
                 f"NFDM parts do not fit data of shape {self.data_shape}: {error}"
@@ -115,12 +151,13 @@ class NFDM(AbstractDiffusionModel):
     def predict(self, z: Data, t: Time) -> Data:
         """x_hat(z, t). A library `Predictor` is preconditioned on the forward process's
         reference path (`gaussian` skip) or on its path at the data mean (`gaussian-full`);
-        any other module is called as `predictor(z, t)`."""
+        any other module is called as `predictor(z, t)`; the context, when set, comes last."""
+        context = () if self.context is None else (self.context,)
         if isinstance(self.predictor, Predictor):
             if self.predictor.skip is PredictorSkipChoice.GAUSSIAN_FULL:
-                return self.predictor(z, t, self.forward.skip_path(t, z))
-            return self.predictor(z, t, self.forward.reference_path(t))
-        return self.predictor(z, t)
+                return self.predictor(z, t, self.forward.skip_path(t, z), *context)
+            return self.predictor(z, t, self.forward.reference_path(t), *context)
+        return self.predictor(z, t, *context)
 
     def velocity(self, z: Data, t: Time) -> Data:
         """v(z, t) = f(z, t, x_hat(z, t)): the generative (probability-flow) ODE."""
@@ -141,3 +178,29 @@ class NFDM(AbstractDiffusionModel):
         """
         size = math.prod(self.data_shape)
         return 0.5 * size * (math.log(2 * math.pi * self.delta**2) + 1.0)
+
+
+def check_context(model: NFDM, context: Array | None, batch: int) -> None:
+    """A batch of per-example contexts fits `model` and `batch` examples (None: unconditional)."""
+    example = model.example_context()
+    if context is None:
+        if example is not None and model.context is None:
+            raise ValueError(
+                "this model is conditional: pass one context per example (`context=`), or "
+                "condition it first (`model.conditioned(c)`)."
+            )
+        return
+    if example is None:
+        raise ValueError("`context` was given, but this model is unconditional.")
+    if model.context is not None:
+        raise ValueError("this model is already conditioned; pass no `context`.")
+    if tuple(context.shape) != (batch, *example.shape):
+        raise ValueError(
+            f"expected one context of shape {example.shape} per example, "
+            f"({batch}, {', '.join(map(str, example.shape))}); got {tuple(context.shape)}."
+        )
+    if jnp.issubdtype(example.dtype, jnp.integer) != jnp.issubdtype(context.dtype, jnp.integer):
+        raise ValueError(
+            f"this model's contexts are {example.dtype.name} (class labels are integers); got "
+            f"{context.dtype.name}."
+        )

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float
 
-from ._custom_types import Data, Key, Network, Scalar, Time
+from ._custom_types import Context, Data, Key, Network, Scalar, Time
 
 # The highest time frequency (cycles per unit time) of the vector networks' time features. It
 # sets how finely an adaptive ODE solve steps in t: on eight-gaussians (3,000 simulation-free
@@ -201,6 +201,94 @@ def _bias(layer: eqx.nn.Linear | eqx.nn.Conv) -> Array:
     return layer.bias
 
 
+class ContextMLP(eqx.Module):
+    """NN(z, t, c): a `TimeConditionedMLP` on [z, e(c)], where the context c is a class label
+    (`num_classes` set: e(c) is row c of a learned table of `embedding_size` columns) or a
+    vector of `context_size` entries (e(c) = c).
+
+    The network of a conditional `Predictor`, so the modules serve as conditional diffusion
+    blocks: `NFDM.conditioned(c)` is the model of p(x | c).
+    """
+
+    network: TimeConditionedMLP
+    embedding: Float[Array, "classes size"] | None
+    num_classes: int | None = eqx.field(static=True)
+    context_size: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        data_size: int,
+        *,
+        num_classes: int | None = None,
+        context_size: int | None = None,
+        embedding_size: int = 16,
+        width: int = 128,
+        depth: int = 3,
+        input_octaves: int = 0,
+        key: Key,
+    ):
+        if (num_classes is None) == (context_size is None):
+            raise ValueError("ContextMLP takes exactly one of `num_classes` and `context_size`.")
+        for name, value in (
+            ("num_classes", num_classes),
+            ("context_size", context_size),
+            ("embedding_size", embedding_size),
+        ):
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+        embedding_key, network_key = jr.split(key)
+        self.num_classes = num_classes
+        if num_classes is not None:
+            self.embedding = jr.normal(embedding_key, (num_classes, embedding_size))
+            self.context_size = embedding_size
+        else:
+            assert context_size is not None
+            self.embedding = None
+            self.context_size = context_size
+        self.network = TimeConditionedMLP(
+            data_size + self.context_size,
+            data_size,
+            width=width,
+            depth=depth,
+            input_octaves=input_octaves,
+            key=network_key,
+        )
+
+    @property
+    def in_size(self) -> int:
+        """The size of z (what `NFDM` reads to infer the data shape)."""
+        return self.network.in_size - self.context_size
+
+    def example_context(self) -> Context:
+        """A context of the right shape and dtype (class 0, or the zero vector)."""
+        if self.num_classes is not None:
+            return jnp.zeros((), jnp.int32)
+        return jnp.zeros((self.context_size,), jnp.result_type(float))
+
+    def __call__(self, z: Data, t: Time, context: Context | None = None) -> Data:
+        if context is None:
+            raise ValueError(
+                "this network is conditional: condition the model on a context first "
+                "(`model.conditioned(c)`, `nfdm-de sample --label K`)."
+            )
+        context = jnp.asarray(context)
+        if self.embedding is not None:
+            if context.shape != () or not jnp.issubdtype(context.dtype, jnp.integer):
+                raise ValueError(
+                    f"a class-conditional network takes one integer label per example; got an "
+                    f"array of shape {context.shape} and dtype {context.dtype}."
+                )
+            features = self.embedding[context].astype(z.dtype)
+        else:
+            if context.shape != (self.context_size,):
+                raise ValueError(
+                    f"this network takes a context vector of shape ({self.context_size},) per "
+                    f"example; got {context.shape}."
+                )
+            features = context.astype(z.dtype)
+        return self.network(jnp.concatenate([z, features]), t)
+
+
 class PredictorSkipChoice(enum.Enum):
     """The skip connection of a `Predictor`."""
 
@@ -252,9 +340,20 @@ class Predictor(eqx.Module):
             choices = ", ".join(f"PredictorSkipChoice.{s.name}" for s in PredictorSkipChoice)
             raise ValueError(f"`skip` must be one of {choices}; got {self.skip!r}.")
 
-    def __call__(self, z: Data, t: Time, reference_path: tuple[Array, Array] | None = None) -> Data:
+    def example_context(self) -> Context | None:
+        """A context of the right shape for a conditional network (`ContextMLP`), else None."""
+        example = getattr(self.network, "example_context", None)
+        return None if example is None else example()
+
+    def __call__(
+        self,
+        z: Data,
+        t: Time,
+        reference_path: tuple[Array, Array] | None = None,
+        context: Context | None = None,
+    ) -> Data:
         t = jnp.asarray(t, z.dtype)
-        out = self.network(z, t)
+        out = self.network(z, t) if context is None else self.network(z, t, context)
         if out.shape != z.shape:
             raise ValueError(
                 f"Predictor network must return the data's shape {z.shape}; got {out.shape}."
@@ -276,12 +375,27 @@ def mlp_predictor(
     delta: float = 0.01,
     input_octaves: int = 0,
     skip: PredictorSkipChoice = PredictorSkipChoice.GAUSSIAN,
+    num_classes: int | None = None,
+    context_size: int | None = None,
     key: Key,
 ) -> Predictor:
-    """The reference predictor for vectors: `Predictor` around a `TimeConditionedMLP`."""
-    network = TimeConditionedMLP(
-        data_size, data_size, width=width, depth=depth, input_octaves=input_octaves, key=key
-    )
+    """The reference predictor for vectors: `Predictor` around a `TimeConditionedMLP`, or
+    around a `ContextMLP` when `num_classes` (class labels) or `context_size` (vectors) is given.
+    """
+    if num_classes is None and context_size is None:
+        network = TimeConditionedMLP(
+            data_size, data_size, width=width, depth=depth, input_octaves=input_octaves, key=key
+        )
+    else:
+        network = ContextMLP(
+            data_size,
+            num_classes=num_classes,
+            context_size=context_size,
+            width=width,
+            depth=depth,
+            input_octaves=input_octaves,
+            key=key,
+        )
     return Predictor(network=network, delta=delta, skip=skip)
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float
 
-from ._custom_types import Key
+from ._custom_types import Context, Key
 from ._model import NFDM
 from ._sharding import map_chunks, mesh_size, resolve_chunks
 from ._solve import SolveReport, SolveStats, Stepping, report, saved, stepping, timed
@@ -119,6 +119,16 @@ def _timed_solve(
     )
 
 
+def _conditioned(model: NFDM, context: Context | None) -> NFDM:
+    if context is not None:
+        return model.conditioned(context)
+    if model.is_conditional and model.context is None:
+        raise ValueError(
+            "this model is conditional: pass the `context` to sample under (e.g. a class label)."
+        )
+    return model
+
+
 def _settings(solver, steps, rtol, atol, max_steps, sde, num):
     if not (isinstance(num, int) and num >= 1):
         raise ValueError(f"`num` must be a positive integer; got {num!r}.")
@@ -140,6 +150,7 @@ def sample(
     per_example: bool = PER_EXAMPLE_DEFAULT,
     mesh: jax.sharding.Mesh | None = None,
     num_chunks: int | None = None,
+    context: Context | None = None,
 ) -> tuple[Float[Array, " num *shape"], SolveStats]:
     """Draw `num` samples by solving the generative dynamics from z_1 ~ N(0, I) to t = 0.
 
@@ -166,11 +177,14 @@ def sample(
       results depend on the chunking but not on the devices (a one-device run with the same
       `num_chunks` gives the same samples). Chunk i's Brownian motion is drawn from
       `fold_in(key, i)`; the initial noise is the same for every chunking.
+    - `context`: for a conditional model, the one context (a class label or a vector) all
+      samples are drawn under: the same as sampling `model.conditioned(context)`.
 
     **Returns:** `(samples, stats)`; samples are z_0, the model's t = 0 marginal (data + delta
     noise, the mean of the decoder N(x; z_0, delta^2 I)), in the model's units.
     """
     settings = _settings(solver, steps, rtol, atol, max_steps, sde, num)
+    model = _conditioned(model, context)
     num_chunks = resolve_chunks(num, mesh, num_chunks, "`num`")
     # One device: the plain solve (bit-identical to no mesh at all).
     mesh = None if mesh is None or mesh_size(mesh) == 1 else mesh
@@ -194,6 +208,7 @@ def sample_trajectories(
     sde: bool = False,
     max_steps: int = 4096,
     brownian_tol: float = 1e-3,
+    context: Context | None = None,
 ) -> tuple[Float[Array, " points"], Float[Array, " points num *shape"], SolveStats]:
     """Like `sample`, but also returns the path at `num_points` times from t = 1 down to t = 0.
 
@@ -203,6 +218,7 @@ def sample_trajectories(
     if not (isinstance(num_points, int) and num_points >= 2):
         raise ValueError(f"`num_points` must be an integer >= 2; got {num_points!r}.")
     settings = _settings(solver, steps, rtol, atol, max_steps, sde, num)
+    model = _conditioned(model, context)
     s = jnp.linspace(0.0, 1.0, num_points)
     saveat = dfx.SaveAt(ts=s)
     ys, stats = _timed_solve(model, key, num, solver, settings, sde, brownian_tol, saveat, False)

@@ -32,6 +32,13 @@ def _per_example(fn, z: Array, t: Array) -> Array:
     return jax.vmap(fn, in_axes=(0, None))(z, t)
 
 
+def _velocities(model: NFDM, z: Array, t: Array, context: Array | None) -> Array:
+    """v(z_i, t) for every row, each under its own context when `context` is given."""
+    if context is None:
+        return _per_example(model.velocity, z, t)
+    return jax.vmap(lambda z_i, c_i: model.conditioned(c_i).velocity(z_i, t))(z, context)
+
+
 def generative_ode_term(model: NFDM) -> dfx.ODETerm:
     """dz/ds = -v(z, 1 - s): the probability-flow ODE from noise (s = 0) to data (s = 1)."""
 
@@ -193,13 +200,15 @@ def likelihood_term(model: NFDM, trace: AbstractTraceEstimator) -> dfx.ODETerm:
 
         dz/dt = v(z, t),        d(delta_logp)/dt = div v(z, t)   (one column per estimate)
 
-    so that log p_0(x) = log N(z_1; 0, I) + delta_logp(1). `args` holds the probes of the solve.
+    so that log p_0(x) = log N(z_1; 0, I) + delta_logp(1). `args` holds the probes of the solve
+    and the per-example contexts of a conditional model (or None).
     """
 
-    def vector_field(t, y, probes):
+    def vector_field(t, y, args):
+        probes, context = args
         z, _ = y
         t = jnp.asarray(t, z.dtype)
-        v, divergence = trace.divergence(lambda z_: _per_example(model.velocity, z_, t), z, probes)
+        v, divergence = trace.divergence(lambda z_: _velocities(model, z_, t, context), z, probes)
         return v, divergence.astype(z.dtype)
 
     return dfx.ODETerm(vector_field)

@@ -18,6 +18,10 @@ from ._densities import (
 _SPLIT_STREAM = {"train": 0, "test": 1}
 
 
+# The member of a data `.npz` holding one integer class label per row.
+LABELS_KEY = "labels"
+
+
 def is_file_reference(name_or_path: str) -> bool:
     """True if `name_or_path` names a file (or a CIFAR-10 directory) rather than a built-in
     dataset."""
@@ -48,6 +52,7 @@ def _npz_holds_images(path: str) -> bool:
                 return True
             if not names:
                 return False
+            names = [n for n in names if n != LABELS_KEY] or names
             key = "x" if "x" in names else ("data" if "data" in names else names[0])
             array = archive[key]
     except Exception:  # unreadable: let the vector loader report it
@@ -133,6 +138,7 @@ def _load_array_file(path: str) -> np.ndarray:
         names = list(loaded.files)
         if not names:
             raise ValueError(f"data file {path!r} holds no arrays.")
+        names = [n for n in names if n != LABELS_KEY] or names
         key = "x" if "x" in names else ("data" if "data" in names else names[0])
         if len(names) > 1 and key == names[0] and key not in ("x", "data"):
             raise ValueError(
@@ -142,6 +148,35 @@ def _load_array_file(path: str) -> np.ndarray:
             return loaded[key]
         except Exception as error:  # a damaged member: zlib/zipfile/ValueError
             raise _unreadable(f"array {key!r} of {path!r}", error) from None
+
+
+def load_labels(name_or_path: str, num: int | None = None) -> np.ndarray | None:
+    """The class labels of a data file: the `labels` member of a vector `.npz`, one integer >= 0
+    per row of its data, as int32 (the first `num` when given, as `load_dataset` takes the
+    first `num` rows); None when it has none."""
+    if not (name_or_path.endswith(".npz") and os.path.isfile(name_or_path)):
+        return None
+    if is_image_source(name_or_path):
+        return None
+    where = f"the labels of {name_or_path!r}"
+    try:
+        with np.load(name_or_path, allow_pickle=False) as loaded:
+            if LABELS_KEY not in loaded.files:
+                return None
+            labels = loaded[LABELS_KEY]
+    except Exception as error:
+        raise _unreadable(where, error) from None
+    if labels.ndim != 1 or labels.dtype.kind not in "iuf":
+        raise ValueError(f"{where}: expected one number per row; got shape {labels.shape}.")
+    rows = _load_array_file(name_or_path).shape[0]
+    if labels.shape[0] != rows:
+        raise ValueError(f"{where}: {labels.shape[0]} labels for {rows} rows of data.")
+    if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)) or labels.min() < 0:
+        raise ValueError(f"{where}: class labels must be integers >= 0.")
+    if labels.max() >= 2**31:
+        raise ValueError(f"{where}: a class label of {int(labels.max())} is too large.")
+    labels = labels.astype(np.int32)
+    return labels if num is None else labels[:num]
 
 
 def check_data_array(array, where: str) -> np.ndarray:

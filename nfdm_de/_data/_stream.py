@@ -13,12 +13,16 @@ except ImportError:  # another grain layout: `BatchStream` reads batches through
 
 
 class _Gather:
-    """grain map: a batch of row indices -> the rows (one numpy gather per batch)."""
+    """grain map: a batch of row indices -> the rows (one numpy gather per batch), paired with
+    their labels when there are labels."""
 
-    def __init__(self, array: np.ndarray):
+    def __init__(self, array: np.ndarray, labels: np.ndarray | None = None):
         self.array = array
+        self.labels = labels
 
-    def __call__(self, index: np.ndarray) -> np.ndarray:
+    def __call__(self, index: np.ndarray) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        if self.labels is not None:
+            return self.array[index], self.labels[index]
         return self.array[index]
 
 
@@ -33,14 +37,19 @@ class _Rows:
 
 
 def batch_dataset(
-    array: np.ndarray, *, batch_size: int, seed: int, rows: slice | None = None
+    array: np.ndarray,
+    *,
+    batch_size: int,
+    seed: int,
+    rows: slice | None = None,
+    labels: np.ndarray | None = None,
 ) -> grain.MapDataset:
     """Infinite, seeded, reshuffled-every-epoch batches of rows of `array`.
 
     `MapDataset` is random access: batch `i` is a pure function of (array, seed, i), so the
     iterator state is the index of the next batch, and a resumed run sees the same data order.
     `rows` keeps only that slice of every global batch (one process's share in a multi-process
-    run; only those rows are gathered).
+    run; only those rows are gathered). With `labels`, each batch is (rows, their labels).
     """
     if array.ndim < 2:
         raise ValueError(
@@ -50,7 +59,7 @@ def batch_dataset(
     batches = indices.batch(batch_size)
     if rows is not None:
         batches = batches.map(_Rows(rows))
-    return batches.map(_Gather(array))
+    return batches.map(_Gather(array, labels))
 
 
 class BatchStream:
@@ -63,9 +72,22 @@ class BatchStream:
     batch i's row indices are computed directly with the permutation grain's `shuffle` uses
     (per epoch e, seed + e), so the batches, and a run trained on them, are identical; a test
     checks that against grain's own iterator.
+
+    With `labels` (one per row of `array`) every batch is the pair (rows, their labels).
     """
 
-    def __init__(self, array: np.ndarray, *, batch_size: int, seed: int, rows: slice | None = None):
+    def __init__(
+        self,
+        array: np.ndarray,
+        *,
+        batch_size: int,
+        seed: int,
+        rows: slice | None = None,
+        labels: np.ndarray | None = None,
+    ):
+        if labels is not None and labels.shape[0] != array.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {array.shape[0]} rows.")
+        self._labels = labels
         self._array = array
         self._batch_size = batch_size
         self._seed = seed
@@ -86,27 +108,34 @@ class BatchStream:
             )
         return indices if self._rows is None else indices[self._rows]
 
-    def batch(self, index: int) -> np.ndarray:
+    def batch(self, index: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Batch `index` (random access)."""
         if _grain_index_shuffle is None:
             batch = self._fallback_dataset()[index]
             if batch is None:  # grain's type for a filtered-out element; these batches have none
                 raise ValueError(f"grain returned no batch {index}.")
             return batch
-        return self._array[self._indices(index)]
+        indices = self._indices(index)
+        if self._labels is not None:
+            return self._array[indices], self._labels[indices]
+        return self._array[indices]
 
     def _fallback_dataset(self):
         # Built once, on first use, and only when grain's shuffle module could not be imported.
         if getattr(self, "_dataset", None) is None:
             self._dataset = batch_dataset(
-                self._array, batch_size=self._batch_size, seed=self._seed, rows=self._rows
+                self._array,
+                batch_size=self._batch_size,
+                seed=self._seed,
+                rows=self._rows,
+                labels=self._labels,
             )
         return self._dataset
 
     def __iter__(self) -> "BatchStream":
         return self
 
-    def __next__(self) -> np.ndarray:
+    def __next__(self) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         out = self.batch(self._next_index)
         self._next_index += 1
         return out

@@ -138,6 +138,11 @@ def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> N
     forward = _FORWARD_BUILDERS[config.forward](config, data_shape, forward_key)
     check_model_config(config, forward_is_learnable=_is_learnable(forward))
     if len(data_shape) == 3:
+        if config.num_classes is not None:
+            raise ValueError(
+                "class-conditional models support vector data (an MLP predictor); got images "
+                f"of shape {data_shape}."
+            )
         predictor = unet_predictor(
             data_shape,
             base_channels=config.channels,
@@ -153,6 +158,7 @@ def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> N
             delta=config.delta,
             input_octaves=config.input_octaves,
             skip=config.predictor_skip,
+            num_classes=config.num_classes,
             key=predictor_key,
         )
     volatility = _VOLATILITY_BUILDERS[config.volatility](config, volatility_key)

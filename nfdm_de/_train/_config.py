@@ -93,6 +93,9 @@ class ModelConfig:
     - `time_power`: importance sampling of t in the objective, t = u^time_power with weights
       1/p(t) (1 = uniform; > 1 concentrates on small t, where the bound's integrand is largest).
       The default 3 lowers the variance of the loss estimate.
+    - `num_classes`: None for an unconditional model, or K for a class-conditional one: the
+      predictor sees a learned embedding of the label in [0, K) (`ContextMLP`; vector data).
+      `train` sets it from the data's labels.
     """
 
     forward: ForwardChoice = ForwardChoice.NEURAL_GAUSSIAN
@@ -110,6 +113,7 @@ class ModelConfig:
     forward_input_octaves: int = 0
     forward_anchor: AnchorChoice = AnchorChoice.MIXED
     predictor_skip: PredictorSkipChoice = PredictorSkipChoice.GAUSSIAN
+    num_classes: int | None = None
 
     def __post_init__(self):
         _check_enum("forward", self.forward, ForwardChoice)
@@ -122,6 +126,8 @@ class ModelConfig:
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
         _check_positive_int("channels", self.channels)
+        if self.num_classes is not None:
+            _check_positive_int("num_classes", self.num_classes)
         if not (isinstance(self.input_octaves, int) and 0 <= self.input_octaves <= 16):
             raise ValueError(
                 f"`input_octaves` must be an integer in [0, 16]; got {self.input_octaves!r}."
@@ -340,7 +346,10 @@ class TrainConfig:
             raise ValueError(f"a config must be a JSON object of settings; got {d!r:.60}.")
         d = dict(d)
         _check_known(cls, d, "")
-        model = _dataclass_from_dict(ModelConfig, d.pop("model", {}), "model")
+        model = d.pop("model", {})
+        if isinstance(model, dict):
+            model = {"num_classes": None, **model}  # a config without it is unconditional
+        model = _dataclass_from_dict(ModelConfig, model, "model")
         optim = _dataclass_from_dict(OptimConfig, d.pop("optim", {}), "optim")
         return _dataclass_from_dict(cls, d, "", model=model, optim=optim)
 

@@ -271,10 +271,14 @@ class _Stepper:
     def __call__(self, step: int) -> tuple[LossBreakdown, Array]:
         """Take step `step` (0-based); the new state is `self.state`."""
         config, mesh = self.config, self.mesh
-        host_batch = np.asarray(next(self.streams[0]), self.dtype)
+        host_batch, host_labels = _split_labels(next(self.streams[0]))
+        host_batch = np.asarray(host_batch, self.dtype)
         if step >= config.steps and self.likelihood_rows is not None:
             host_batch = host_batch[: self.likelihood_rows]
+            if host_labels is not None:
+                host_labels = host_labels[: self.likelihood_rows]
         batch = shard_batch(host_batch, mesh)
+        labels = None if host_labels is None else shard_batch(host_labels, mesh)
         # Host scalars: replicated constants of the step on every device and process.
         lr = np.asarray(self.schedule(step), self.dtype)
         if step < config.steps:
@@ -282,7 +286,7 @@ class _Stepper:
             if self.streams[1] is not None:
                 source_batch = shard_batch(np.asarray(next(self.streams[1]), self.dtype), mesh)
             self.state, breakdown, grad_norm = self.step_fn(
-                self.state, batch, np.asarray(step), lr, source_batch=source_batch
+                self.state, batch, np.asarray(step), lr, source_batch=source_batch, labels=labels
             )
             return breakdown, grad_norm
         if step == config.steps:
@@ -292,7 +296,12 @@ class _Stepper:
             opt_state = self.optimizer.init(_params(self.state.model))
             self.state = replicate(eqx.tree_at(lambda s: s.opt_state, self.state, opt_state), mesh)
         self.state, breakdown, grad_norm = self.likelihood_fn(
-            self.state, batch, np.asarray(step), lr, ema_step=np.asarray(step - config.steps)
+            self.state,
+            batch,
+            np.asarray(step),
+            lr,
+            ema_step=np.asarray(step - config.steps),
+            labels=labels,
         )
         return breakdown, grad_norm
 
@@ -404,12 +413,21 @@ def _loop(
     )
 
 
+def _split_labels(batch) -> tuple[np.ndarray, np.ndarray | None]:
+    """A stream's batch as (rows, labels or None)."""
+    if isinstance(batch, tuple):
+        return batch[0], batch[1]
+    return batch, None
+
+
 def _batch_streams(
     config: TrainConfig, data: _Data, start: _Start, rows: slice
 ) -> tuple[BatchStream, BatchStream | None]:
     """The batch stream of the data (this process's `rows` of each batch) and of a bridge's
     source, at the positions `start` recorded."""
-    stream = BatchStream(data.train, batch_size=config.batch_size, seed=config.seed, rows=rows)
+    stream = BatchStream(
+        data.train, batch_size=config.batch_size, seed=config.seed, rows=rows, labels=data.labels
+    )
     if start.iterator_state is not None:
         stream.set_state(start.iterator_state)
     source = None

@@ -15,6 +15,7 @@ from .._data._loading import (
     dataset_num_levels,
     is_file_reference,
     load_dataset,
+    load_labels,
 )
 from .._data._transform import (
     fit_transform,
@@ -38,6 +39,7 @@ class _Data:
     train: np.ndarray
     source: np.ndarray | None
     num_levels: int | None
+    labels: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -71,10 +73,34 @@ def _load_data(config: TrainConfig) -> _Data:
             )
         if num_levels is not None or dataset_num_levels(config.source) is not None:
             raise ValueError("bridges support continuous data only (no integer-valued sets).")
-    return _Data(data, source_data, num_levels)
+    labels = load_labels(config.data) if is_file_reference(config.data) else None
+    if labels is not None and config.source is not None:
+        raise ValueError("a bridge (--source) cannot be class-conditional; drop the labels.")
+    return _Data(data, source_data, num_levels, labels)
+
+
+def _resolve_classes(config: TrainConfig, data: _Data) -> TrainConfig:
+    """`num_classes` from the data's labels: K = largest label + 1 unless the config names it."""
+    given = config.model.num_classes
+    if data.labels is None:
+        if given is not None:
+            raise ValueError(
+                f"num_classes = {given} needs labelled data: a .npz with a 'labels' array."
+            )
+        return config
+    if len(data.shape) != 1:
+        raise ValueError(
+            f"class-conditional models support vector data; got examples of shape {data.shape}."
+        )
+    found = int(data.labels.max()) + 1
+    if given is not None and found > given:
+        raise ValueError(f"the data has labels up to {found - 1}, beyond num_classes = {given}.")
+    model = dataclasses.replace(config.model, num_classes=found if given is None else given)
+    return dataclasses.replace(config, model=model)
 
 
 def _resolve_for_data(config: TrainConfig, data: _Data) -> TrainConfig:
+    config = _resolve_classes(config, data)
     config = resolve_likelihood_phase(config, data.shape, discrete=data.num_levels is not None)
     if config.resolved_likelihood_steps > 0 and (config.source is not None or len(data.shape) != 1):
         raise ValueError(

@@ -45,6 +45,13 @@ def check_user_model(model, config: TrainConfig, data_shape: tuple[int, ...]) ->
             f"the model is built for examples of shape {tuple(model.data_shape)}, but the data "
             f"{config.data!r} has examples of shape {tuple(data_shape)}."
         )
+    labelled = config.model.num_classes is not None
+    if model.is_conditional != labelled:
+        raise ValueError(
+            f"the data {config.data!r} has class labels but the model's predictor takes no "
+            "context" if labelled else f"the model is conditional but the data {config.data!r} "
+            "has no class labels (a .npz with a 'labels' array)"
+        )
 
 
 def init_train_state(

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
-from jaxtyping import Array, ArrayLike, Float
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from .._bridge import BridgeModel, bridge_loss
 from .._data._transform import (
@@ -37,6 +37,7 @@ def _train_step(
     likelihood: LikelihoodSolve | None = None,
     bound_weight: float = 0.0,
     ema_step: Array | None = None,
+    labels: Int[Array, " batch"] | None = None,
 ) -> tuple[TrainState, LossBreakdown, Array]:
     """One optimiser step on `batch` (in the data's units) at integer `step`, learning rate `lr`.
 
@@ -46,6 +47,7 @@ def _train_step(
     simulation-free bound of a stochastic model, whose terms fill the rest of the breakdown
     (zeros when `bound_weight` is 0).
     `ema_step` (default `step`) drives the EMA's warm-up, so a phase can restart it.
+    `labels`: the class of each example of a class-conditional model (its context).
 
     Returns the new state, the batch-mean `LossBreakdown` and the gradient's global norm.
     """
@@ -61,7 +63,7 @@ def _train_step(
     def objective(params):
         model = eqx.combine(params, static)
         if likelihood is not None:
-            nll = ode_nll_loss(model, x, likelihood, key=loss_key)
+            nll = ode_nll_loss(model, x, likelihood, key=loss_key, context=labels)
             zero = jnp.zeros((), nll.dtype)
             if bound_weight == 0 or model.is_deterministic:
                 return nll, LossBreakdown(nll, zero, zero, zero, zero)
@@ -70,7 +72,9 @@ def _train_step(
             # drifts up by nats, and refitting g alone afterwards recovered little of it. A
             # small weight on the bound keeps it (docs/training.md).
             bound_key = jr.fold_in(loss_key, 1)
-            bound, terms = loss(model, x, key=bound_key, time_power=time_power)
+            bound, terms = loss(
+                model, x, key=bound_key, time_power=time_power, context=labels
+            )
             breakdown = LossBreakdown(nll, terms.diffusion, terms.prior, terms.reconstruction, zero)
             return nll + bound_weight * bound, breakdown
         if isinstance(model, BridgeModel):
@@ -81,7 +85,12 @@ def _train_step(
             source = state.source_transform.to_model(source_batch)
             return bridge_loss(model, x, source, key=loss_key, curvature_weight=curvature_weight)
         return loss(
-            model, x, key=loss_key, curvature_weight=curvature_weight, time_power=time_power
+            model,
+            x,
+            key=loss_key,
+            curvature_weight=curvature_weight,
+            time_power=time_power,
+            context=labels,
         )
 
     (_, breakdown), grads = jax.value_and_grad(objective, has_aux=True)(params)
@@ -156,9 +165,15 @@ def _arrays_step(layout: _StateLayout, optimizer, options: tuple):
     """`train_step` on the flat arrays of a state of `layout`, jitted."""
     step_fn = functools.partial(_train_step, optimizer=optimizer, **dict(options))
 
-    def on_arrays(arrays, batch, step, lr, source_batch, ema_step):
+    def on_arrays(arrays, batch, step, lr, source_batch, ema_step, labels):
         new_state, breakdown, grad_norm = step_fn(
-            layout.unflatten(arrays), batch, step, lr, source_batch=source_batch, ema_step=ema_step
+            layout.unflatten(arrays),
+            batch,
+            step,
+            lr,
+            source_batch=source_batch,
+            ema_step=ema_step,
+            labels=labels,
         )
         return layout.flatten(new_state), breakdown, grad_norm
 
@@ -220,9 +235,10 @@ class CompiledTrainStep:
         *,
         source_batch: Float[ArrayLike, " batch dim"] | None = None,
         ema_step: ArrayLike | None = None,
+        labels: Int[ArrayLike, " batch"] | None = None,
     ) -> tuple[TrainState, LossBreakdown, Array]:
         """As `train_step(state, batch, step, lr, optimizer, ...)` with this object's options."""
         arrays, breakdown, grad_norm = self._jitted(
-            self._layout.flatten(state), batch, step, lr, source_batch, ema_step
+            self._layout.flatten(state), batch, step, lr, source_batch, ema_step, labels
         )
         return self._layout.unflatten(arrays), breakdown, grad_norm
