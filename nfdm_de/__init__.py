@@ -30,6 +30,7 @@ from ._data._densities import (
     Rings as Rings,
     Spirals as Spirals,
     TwoMoons as TwoMoons,
+    digits_split as digits_split,
     get_dataset as get_dataset,
     true_nll as true_nll,
 )
@@ -281,6 +282,7 @@ __all__ = [
     # data
     "load_dataset",
     "load_labels",
+    "digits_split",
     "get_dataset",
     "true_nll",
     "AbstractDataset",

@@ -194,10 +194,11 @@ def check_context(model: NFDM, context: Array | None, batch: int) -> None:
         raise ValueError("`context` was given, but this model is unconditional.")
     if model.context is not None:
         raise ValueError("this model is already conditioned; pass no `context`.")
-    if tuple(context.shape) != (batch, *example.shape):
+    expected = (batch, *example.shape)
+    if tuple(context.shape) != expected:
         raise ValueError(
-            f"expected one context of shape {example.shape} per example, "
-            f"({batch}, {', '.join(map(str, example.shape))}); got {tuple(context.shape)}."
+            f"expected one context of shape {example.shape} per example, {expected}; got "
+            f"{tuple(context.shape)}."
         )
     if jnp.issubdtype(example.dtype, jnp.integer) != jnp.issubdtype(context.dtype, jnp.integer):
         raise ValueError(

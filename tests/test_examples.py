@@ -65,3 +65,14 @@ def test_straight_trajectories_smoke(tmp_path, run_root):
 def test_custom_forward_process_smoke(tmp_path):
     out = _run("custom_forward_process.py", cwd=tmp_path)
     assert "energy distance to held-out data" in out and "learned log-scale correction" in out
+
+
+@pytest.mark.slow
+def test_conditional_digits_smoke(tmp_path):
+    plot = tmp_path / "grid.png"
+    out = _run(
+        "conditional_digits.py", "--run-dir", str(tmp_path / "runs"), "--plot", str(plot), cwd=ROOT
+    )
+    accuracy = next(line for line in out.splitlines() if line.startswith("accuracy:"))
+    assert len(accuracy.split()) == 1 + 10 + 2  # ten classes and the mean
+    assert plot.stat().st_size > 1000

@@ -262,15 +262,26 @@ class Digits(AbstractDataset):
         return jnp.asarray(rows[index], jnp.result_type(float))
 
 
-def _digits_split(split: str) -> np.ndarray:
+def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The `digits` set's fixed 80/20 split: (images as float64 64-vectors with integer values
+    in [0, 17), their classes 0-9 as int32). Save them as a `.npz` with `x` and `labels` to
+    train a class-conditional model."""
     from sklearn.datasets import load_digits
     from sklearn.utils import Bunch
 
+    if split not in ("train", "test"):
+        raise ValueError(f"`split` must be 'train' or 'test'; got {split!r}.")
     # Untyped in scikit-learn: a Bunch, or (X, y) with return_X_y=True.
-    x = cast(Bunch, load_digits()).data.astype(np.float64)
+    bunch = cast(Bunch, load_digits())
+    x, labels = bunch.data.astype(np.float64), bunch.target.astype(np.int32)
     order = np.random.default_rng(0).permutation(x.shape[0])
     num_test = x.shape[0] // 5
-    return x[order[num_test:]] if split == "train" else x[order[:num_test]]
+    rows = order[num_test:] if split == "train" else order[:num_test]
+    return x[rows], labels[rows]
+
+
+def _digits_split(split: str) -> np.ndarray:
+    return digits_split(split)[0]
 
 
 # The ignore: pyright takes `eqx.AbstractClassVar` attributes for __init__ arguments.

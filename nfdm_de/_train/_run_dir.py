@@ -12,6 +12,7 @@ The tool deletes only files it wrote: checkpoints (regular files in the run's ow
 writes.
 """
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -68,6 +69,9 @@ def check_run_directory(run_dir: str, config: TrainConfig, resume: bool) -> None
         raise ValueError(
             f"cannot resume: {run_dir!r} is not empty and holds no nfdm-de run ({CONFIG_FILE})."
         )
+    if config.model.num_classes is None:  # set from the data's labels, checked after loading
+        model = dataclasses.replace(config.model, num_classes=stored.model.num_classes)
+        config = dataclasses.replace(config, model=model)
     check_compatible(stored, config, f"the run in {run_dir!r}")
     checkpoints = os.path.join(run_dir, CHECKPOINT_DIR)
     if os.path.lexists(checkpoints):
