@@ -84,7 +84,9 @@ def test_batch_of_contexts_is_the_conditioned_model(getkey):
     conditioned on that context (the same keys), so the batch path adds nothing of its own."""
     dim = 4
     predictor = nd.mlp_predictor(dim, num_classes=5, width=16, depth=1, key=getkey())
-    model = nd.NFDM(nd.neural_gaussian(dim, key=getkey()), predictor, nd.LearnedVolatility(key=getkey()))
+    model = nd.NFDM(
+        nd.neural_gaussian(dim, key=getkey()), predictor, nd.LearnedVolatility(key=getkey())
+    )
     x = jr.normal(getkey(), (6, dim))
     labels = jnp.full((6,), 3, jnp.int32)
     key = getkey()

@@ -48,8 +48,9 @@ def check_user_model(model, config: TrainConfig, data_shape: tuple[int, ...]) ->
     labelled = config.model.num_classes is not None
     if model.is_conditional != labelled:
         raise ValueError(
-            f"the data {config.data!r} has class labels but the model's predictor takes no "
-            "context" if labelled else f"the model is conditional but the data {config.data!r} "
+            f"the data {config.data!r} has class labels but the model's predictor takes no context"
+            if labelled
+            else f"the model is conditional but the data {config.data!r} "
             "has no class labels (a .npz with a 'labels' array)"
         )
 

@@ -72,9 +72,7 @@ def _train_step(
             # drifts up by nats, and refitting g alone afterwards recovered little of it. A
             # small weight on the bound keeps it (docs/training.md).
             bound_key = jr.fold_in(loss_key, 1)
-            bound, terms = loss(
-                model, x, key=bound_key, time_power=time_power, context=labels
-            )
+            bound, terms = loss(model, x, key=bound_key, time_power=time_power, context=labels)
             breakdown = LossBreakdown(nll, terms.diffusion, terms.prior, terms.reconstruction, zero)
             return nll + bound_weight * bound, breakdown
         if isinstance(model, BridgeModel):
