@@ -14,6 +14,7 @@ import pytest
 from helpers import IDENTITY_TOL
 
 import nfdm_de as nd
+from nfdm_de._data._densities import _cached_moments
 from nfdm_de._data._loading import check_data_array
 
 K_SIGMA = 5.0
@@ -116,6 +117,45 @@ def test_gmm_10d_density_and_samples(getkey):
     sample = np.asarray(x)
     stderr = sample.std(axis=0) / math.sqrt(sample.shape[0])
     assert np.all(np.abs(sample.mean(axis=0) - mixture_mean) < K_SIGMA * stderr)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "shapes-8d",
+        pytest.param("shapes-16d", marks=pytest.mark.slow),  # the same code, more pairs
+        pytest.param("shapes-32d", marks=pytest.mark.slow),
+    ],
+)
+def test_rotated_shapes_density_and_samples(name, getkey):
+    """The D-D product of standardised 2-D shapes under a rotation: its rotation is orthogonal,
+    its log-density is the sum of the 2-D sets' own densities at the unrotated, unstandardised
+    pairs (plus the standardisation's log-scales), and its samples have zero mean, and unit
+    variance and independent pairs once unrotated."""
+    dataset = nd.get_dataset(name)
+    rotation = np.asarray(dataset._rotation(jnp.float64))
+    np.testing.assert_allclose(rotation.T @ rotation, np.eye(dataset.dim), atol=1e-12)
+    x = np.asarray(_sample(dataset, getkey(), 20_000))
+    assert x.shape == (20_000, dataset.dim)
+    stderr = x.std(axis=0) / math.sqrt(x.shape[0])
+    assert np.all(np.abs(x.mean(axis=0)) < K_SIGMA * stderr)
+    # Unrotated: unit variance per coordinate and uncorrelated pairs (independent shapes).
+    cov = np.cov((x @ rotation).T)
+    np.testing.assert_allclose(np.diag(cov), 1.0, atol=0.05)
+    between = ~np.kron(np.eye(dataset.dim // 2, dtype=bool), np.ones((2, 2), dtype=bool))
+    assert np.max(np.abs(cov[between])) < 0.04
+    shapes = ["checkerboard", "two-moons", "spirals", "rings"]
+    moments = _cached_moments(type(dataset))  # (pairs, [mean, std], 2)
+    pairs = (x[:20] @ rotation).reshape(20, -1, 2)
+    expected = np.zeros(20)
+    for k in range(dataset.dim // 2):
+        shape = nd.get_dataset(shapes[k % 4])
+        mean, std = moments[k]
+        points = jnp.asarray(pairs[:, k] * std + mean)
+        expected += np.asarray(jax.vmap(shape.log_prob)(points)) + np.log(std).sum()
+    ours = np.asarray(jax.vmap(dataset.log_prob)(jnp.asarray(x[:20])))
+    np.testing.assert_allclose(ours, expected, rtol=1e-9)
+    assert np.all(np.isfinite(ours))
 
 
 def test_every_dataset_has_true_density_except_digits():

@@ -246,6 +246,83 @@ class GaussianMixture10D(AbstractDataset):
         return jax.nn.logsumexp(logs + jnp.log(weights))
 
 
+class _RotatedShapes(AbstractDataset):
+    """The product of D/2 independent 2-D shapes (checkerboard, two-moons, spirals, rings, in
+    turn), each centred and scaled to unit standard deviation per axis, under a fixed random
+    rotation R of R^D:
+
+        x = R y,   y = (y_1, ..., y_{D/2}),   log p(x) = sum_k log p_k(R^T x restricted to pair k)
+
+    (|det R| = 1). Every coordinate of x mixes all the shapes, so no coordinate pair carries
+    one shape alone: a known density in D dimensions that is far from a Gaussian mixture.
+    """
+
+    num_levels = None
+
+    def _factors(self) -> tuple[AbstractDataset, ...]:
+        shapes = (Checkerboard(), TwoMoons(), Spirals(), Rings())
+        return tuple(shapes[k % len(shapes)] for k in range(self.dim // 2))
+
+    def _moments(self) -> np.ndarray:
+        """(pairs, 2 [mean, std], 2): each shape's per-axis mean and standard deviation."""
+        return np.asarray([_shape_moments(factor.name) for factor in self._factors()])
+
+    def _rotation(self, dtype) -> Array:
+        rng = np.random.default_rng(self.dim)  # fixed: part of the dataset's definition
+        q, r = np.linalg.qr(rng.normal(size=(self.dim, self.dim)))
+        return jnp.asarray(q * np.sign(np.diag(r)), dtype)
+
+    def sample(self, n, *, key):
+        dtype = jnp.result_type(float)
+        moments = jnp.asarray(_cached_moments(type(self)), dtype)
+        keys = jr.split(key, self.dim // 2)
+        pairs = [
+            (factor.sample(n, key=k) - moments[i, 0]) / moments[i, 1]
+            for i, (factor, k) in enumerate(zip(self._factors(), keys, strict=True))
+        ]
+        return jnp.concatenate(pairs, axis=1) @ self._rotation(dtype).T
+
+    def log_prob(self, x):
+        moments = jnp.asarray(_cached_moments(type(self)), x.dtype)
+        y = (self._rotation(x.dtype).T @ x).reshape(-1, 2)
+        total = jnp.zeros((), x.dtype)
+        for i, factor in enumerate(self._factors()):
+            point = y[i] * moments[i, 1] + moments[i, 0]
+            log_prob = factor.log_prob(point)
+            assert log_prob is not None
+            total = total + log_prob + jnp.sum(jnp.log(moments[i, 1]))
+        return total
+
+
+@functools.cache
+def _shape_moments(name: str) -> np.ndarray:
+    """A 2-D set's per-axis (mean, standard deviation), estimated once from 200,000 draws with a
+    fixed key: constants that are part of the rotated products' definition."""
+    with jax.ensure_compile_time_eval():  # also when first needed under a trace
+        points = np.asarray(DATASETS[name]().sample(200_000, key=jr.key(7)), np.float64)
+    return np.stack([points.mean(0), points.std(0)])
+
+
+@functools.cache
+def _cached_moments(cls: type[_RotatedShapes]) -> np.ndarray:
+    return cls()._moments()
+
+
+class Shapes8D(_RotatedShapes):
+    name = "shapes-8d"
+    dim = 8
+
+
+class Shapes16D(_RotatedShapes):
+    name = "shapes-16d"
+    dim = 16
+
+
+class Shapes32D(_RotatedShapes):
+    name = "shapes-32d"
+    dim = 32
+
+
 class Digits(AbstractDataset):
     """scikit-learn's bundled 8x8 digits as vectors of 64 integers in [0, 17) (no download).
 
@@ -287,7 +364,18 @@ def _digits_split(split: str) -> np.ndarray:
 # The ignore: pyright takes `eqx.AbstractClassVar` attributes for __init__ arguments.
 DATASETS: dict[str, Callable[[], AbstractDataset]] = {  # pyright: ignore[reportAssignmentType]
     cls.name: cls
-    for cls in (EightGaussians, Checkerboard, TwoMoons, Spirals, Rings, GaussianMixture10D, Digits)
+    for cls in (
+        EightGaussians,
+        Checkerboard,
+        TwoMoons,
+        Spirals,
+        Rings,
+        GaussianMixture10D,
+        Shapes8D,
+        Shapes16D,
+        Shapes32D,
+        Digits,
+    )
 }
 
 
