@@ -48,6 +48,7 @@ import nfdm_de as nd
 
 PEER_SETS = ("checkerboard", "spirals", "two-moons", "rings", "eight-gaussians", "gmm-10d")
 DEFAULT_METHODS = ("nfdm", "nfdm-ot", "linear", "vp", "flow-matching", "maf", "gmm")
+PEERS = ("maf", "coupling", "gmm", "fm-meta")
 
 
 # --- peers --------------------------------------------------------------------------------------
@@ -72,13 +73,16 @@ def have_flowjax() -> bool:
     return True
 
 
-def _maf(dim, width, key):
+def _spline_flow(kind, dim, width, key):
+    """flowjax's masked autoregressive (`maf`) or coupling (`coupling`) flow with rational
+    quadratic splines: 8 layers, 8 knots on [-5, 5], conditioners of 2 hidden layers."""
     import jax.numpy as jnp
     from flowjax.bijections import RationalQuadraticSpline
     from flowjax.distributions import Normal
-    from flowjax.flows import masked_autoregressive_flow
+    from flowjax.flows import coupling_flow, masked_autoregressive_flow
 
-    return masked_autoregressive_flow(
+    build = masked_autoregressive_flow if kind == "maf" else coupling_flow
+    return build(
         key,
         base_dist=Normal(jnp.zeros(dim)),
         transformer=RationalQuadraticSpline(knots=8, interval=5.0),
@@ -88,8 +92,9 @@ def _maf(dim, width, key):
     )
 
 
-def train_maf(name, budget: Budget, steps: int | None = None):
-    """Train the spline MAF; returns (log_prob function in data units, seconds, steps/s)."""
+def train_maf(name, budget: Budget, steps: int | None = None, kind: str = "maf"):
+    """Train a spline flow (`maf` or `coupling`); returns (log_prob function in data units,
+    seconds, steps/s)."""
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -102,7 +107,7 @@ def train_maf(name, budget: Budget, steps: int | None = None):
     mean, std = _standardise(train)
     z = jnp.asarray((train - mean) / std, jnp.float32)
     model_key, data_key = jr.split(jr.key(budget.seed))
-    flow = _maf(train.shape[1], budget.width, model_key)
+    flow = _spline_flow(kind, train.shape[1], budget.width, model_key)
     is_leaf = lambda leaf: isinstance(leaf, paramax.NonTrainable)  # noqa: E731
     params, static = eqx.partition(flow, eqx.is_inexact_array, is_leaf=is_leaf)
     warmup = min(200, steps // 10)
@@ -148,6 +153,28 @@ def train_maf(name, budget: Budget, steps: int | None = None):
     return data_log_prob, end - start, rate
 
 
+def train_meta_flow_matching(name, budget: Budget, steps: int | None = None):
+    """Meta's `flow_matching` (CondOT path, a 3-hidden-layer MLP of --width, Adam at the peak
+    rate), with its exact-divergence likelihood (dopri5 at 1e-5); returns (log_prob in data
+    units, seconds)."""
+    from likelihood_speed import meta_flow_matching_nll, train_meta_flow_matching
+
+    steps = budget.steps if steps is None else steps
+    train = nd.load_dataset(name, split="train", seed=budget.seed)
+    mean, std = _standardise(train)
+    standard = ((train - mean) / std).astype(np.float32)
+    start = time.perf_counter()
+    model = train_meta_flow_matching(standard, steps, budget.width, budget.batch, maf_lr(budget))
+    seconds = time.perf_counter() - start
+    log_det = float(np.sum(np.log(std)))
+
+    def data_log_prob(x):
+        standard_x = ((x - mean) / std).astype(np.float32)
+        return -meta_flow_matching_nll(model, standard_x, 1e-5).astype(np.float64) - log_det
+
+    return data_log_prob, seconds
+
+
 def train_gmm(name, budget: Budget):
     """GaussianMixture with the number of components picked on a validation split."""
     from sklearn.mixture import GaussianMixture
@@ -190,13 +217,15 @@ def main(argv=None):
     sets = [s for s in args.sets.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
-        if m not in NFDM_METHODS and m not in ("maf", "gmm"):
+        if m not in NFDM_METHODS and m not in PEERS:
             parser.error(f"unknown method {m!r}")
-    if "maf" in methods and not have_flowjax():
-        print(
-            "skipping maf: flowjax is not installed (pip install 'nfdm-de[bench]')", file=sys.stderr
-        )
-        methods.remove("maf")
+    for peer in ("maf", "coupling"):
+        if peer in methods and not have_flowjax():
+            print(
+                f"skipping {peer}: flowjax is not installed (pip install 'nfdm-de[bench]')",
+                file=sys.stderr,
+            )
+            methods.remove(peer)
 
     rows, means = [], {}
 
@@ -237,11 +266,18 @@ def main(argv=None):
                 )
                 continue
             steps = budget.steps
-            if method == "maf":
+            if method == "fm-meta":
+                log_prob, train_s = train_meta_flow_matching(name, budget)
+                start = time.perf_counter()
+                nll = -log_prob(x)
+                elapsed = time.perf_counter() - start
+                record(name, method, "exact", nll, truth, train_s, elapsed, str(steps))
+                continue
+            if method in ("maf", "coupling"):
                 if args.seconds is not None:
-                    _, _, rate = train_maf(name, budget, steps=100)
+                    _, _, rate = train_maf(name, budget, steps=100, kind=method)
                     steps = max(int(args.seconds * rate), 10)
-                log_prob, train_s, _ = train_maf(name, budget, steps=steps)
+                log_prob, train_s, _ = train_maf(name, budget, steps=steps, kind=method)
                 start = time.perf_counter()
                 nll = -log_prob(x)
                 record(

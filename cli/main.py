@@ -66,10 +66,14 @@ def main(
 ) -> None:
     """Neural Flow Diffusion Models in JAX."""
     del version
-    # Set before JAX is imported, which reads it; a cache the user chose (JAX's own variable)
-    # is kept.
+    # A cache the user chose (JAX's own variable) is kept. JAX reads the variable when it is
+    # imported, which importing `nfdm_de.cli` has done: its configuration is set too (it takes
+    # effect at the first compilation).
     if not no_compile_cache and os.environ.get(CACHE_VARIABLE) != "0":
-        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(compile_cache_dir()))
+        directory = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(compile_cache_dir()))
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", directory)
 
 
 # Every failure of a command ends as one `error: ...` line (cli/_errors.py); out of memory
