@@ -123,8 +123,7 @@ def test_gmm_10d_density_and_samples(getkey):
     "name",
     [
         "shapes-8d",
-        pytest.param("shapes-16d", marks=pytest.mark.slow),  # the same code, more pairs
-        pytest.param("shapes-32d", marks=pytest.mark.slow),
+        pytest.param("shapes-32d", marks=pytest.mark.slow),  # the same code, more pairs
     ],
 )
 def test_rotated_shapes_density_and_samples(name, getkey):
