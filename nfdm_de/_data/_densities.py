@@ -260,12 +260,9 @@ class _RotatedShapes(AbstractDataset):
     num_levels = None
 
     def _factors(self) -> tuple[AbstractDataset, ...]:
-        shapes = (Checkerboard(), TwoMoons(), Spirals(), Rings())
-        return tuple(shapes[k % len(shapes)] for k in range(self.dim // 2))
+        names = ("checkerboard", "two-moons", "spirals", "rings")
+        return tuple(get_dataset(names[k % len(names)]) for k in range(self.dim // 2))
 
-    def _moments(self) -> np.ndarray:
-        """(pairs, 2 [mean, std], 2): each shape's per-axis mean and standard deviation."""
-        return np.asarray([_shape_moments(factor.name) for factor in self._factors()])
 
     def _rotation(self, dtype) -> Array:
         rng = np.random.default_rng(self.dim)  # fixed: part of the dataset's definition
@@ -299,13 +296,16 @@ def _shape_moments(name: str) -> np.ndarray:
     """A 2-D set's per-axis (mean, standard deviation), estimated once from 200,000 draws with a
     fixed key: constants that are part of the rotated products' definition."""
     with jax.ensure_compile_time_eval():  # also when first needed under a trace
-        points = np.asarray(DATASETS[name]().sample(200_000, key=jr.key(7)), np.float64)
+        points = np.asarray(get_dataset(name).sample(200_000, key=jr.key(7)), np.float64)
     return np.stack([points.mean(0), points.std(0)])
 
 
 @functools.cache
 def _cached_moments(cls: type[_RotatedShapes]) -> np.ndarray:
-    return cls()._moments()
+    """(pairs, 2 [mean, std], 2): each pair's per-axis mean and standard deviation."""
+    dataset = get_dataset(cls.name)
+    assert isinstance(dataset, _RotatedShapes)
+    return np.asarray([_shape_moments(factor.name) for factor in dataset._factors()])
 
 
 class Shapes8D(_RotatedShapes):
