@@ -263,7 +263,6 @@ class _RotatedShapes(AbstractDataset):
         names = ("checkerboard", "two-moons", "spirals", "rings")
         return tuple(get_dataset(names[k % len(names)]) for k in range(self.dim // 2))
 
-
     def _rotation(self, dtype) -> Array:
         rng = np.random.default_rng(self.dim)  # fixed: part of the dataset's definition
         q, r = np.linalg.qr(rng.normal(size=(self.dim, self.dim)))
