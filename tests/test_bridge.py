@@ -187,6 +187,7 @@ def test_cli_train_sample_and_bad_input(tmp_path):
     assert not (tmp_path / "x.npy").exists()
 
 
+@pytest.mark.slow
 def test_example_smoke(tmp_path):
     out = tmp_path / "bridge.png"
     completed = subprocess.run(

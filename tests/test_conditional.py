@@ -139,12 +139,21 @@ def test_bad_contexts_are_clear_errors(getkey):
         nd.ContextMLP(dim, num_classes=3, context_size=2, key=key)
 
 
+def _labelled_eight_gaussians(tmp_path):
+    """eight-gaussians in three classes by angle: a labelled training file and a labelled
+    evaluation file of its first 100 rows."""
+    x = nd.load_dataset("eight-gaussians", num=1024)
+    labels = (np.floor((np.arctan2(x[:, 1], x[:, 0]) + np.pi) / (2 * np.pi / 3)) % 3).astype(int)
+    train, test = tmp_path / "train.npz", tmp_path / "test.npz"
+    np.savez(train, x=x, labels=labels)
+    np.savez(test, x=x[:100], labels=labels[:100])
+    return train, test
+
+
 def test_labelled_training_resumes_exactly(tmp_path):
-    """A labelled run (here eight-gaussians labelled by half-plane), with its likelihood phase,
-    stopped and resumed, ends bit-identical to the run that never stopped."""
-    x = nd.load_dataset("eight-gaussians", num=512)
-    data = tmp_path / "labelled.npz"
-    np.savez(data, x=x, labels=(x[:, 0] > 0).astype(np.int32))
+    """A labelled run with its likelihood phase, stopped and resumed, ends bit-identical to the
+    run that never stopped."""
+    data, _ = _labelled_eight_gaussians(tmp_path)
     model = nd.ModelConfig(width=16, depth=1)
     config = nd.TrainConfig(
         data=str(data), steps=12, batch_size=32, model=model, likelihood_steps=2, save_every=7
@@ -153,23 +162,23 @@ def test_labelled_training_resumes_exactly(tmp_path):
     nd.train(config, tmp_path / "resumed", stop_at=7)
     nd.train(config, tmp_path / "resumed", resume=True)
     straight, resumed = nd.load_run(tmp_path / "straight"), nd.load_run(tmp_path / "resumed")
-    assert straight.config.model.num_classes == 2 and straight.model.is_conditional
+    assert straight.config.model.num_classes == 3 and straight.model.is_conditional
     for a, b in zip(jax.tree.leaves(straight.model), jax.tree.leaves(resumed.model), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def _digits_files(tmp_path, num_train=None):
-    """A labelled train file and a labelled evaluation file of its first 100 rows (pixels that
-    are constant in a small training subset make points outside it stiff for the ODE)."""
+def _digits_files(tmp_path):
     x, labels = nd.digits_split("train")
-    train, test = tmp_path / "train.npz", tmp_path / "test.npz"
-    np.savez(train, x=x[:num_train], labels=labels[:num_train])
-    np.savez(test, x=x[:100], labels=labels[:100])
-    return train, test
+    train = tmp_path / "train.npz"
+    np.savez(train, x=x, labels=labels)
+    return train
 
 
 def test_cli_class_conditional_round_trip(tmp_path):
-    train, test = _digits_files(tmp_path, num_train=300)
+    """train on a labelled .npz, sample one class, score labelled points; and the errors for a
+    missing or impossible label and for unlabelled data. The same run settings as the resume
+    test above, so the compiled steps are shared."""
+    train, test = _labelled_eight_gaussians(tmp_path)
     run = tmp_path / "run"
     tiny = ["--steps", "20", "--batch-size", "32", "--width", "16", "--depth", "1"]
     result = runner.invoke(
@@ -177,13 +186,13 @@ def test_cli_class_conditional_round_trip(tmp_path):
         ["train", "--data", str(train), "--run-dir", str(run), *tiny, "--likelihood-steps", "2"],
     )
     assert result.exit_code == 0, result.output
-    assert json.loads((run / "config.json").read_text())["model"]["num_classes"] == 10
+    assert json.loads((run / "config.json").read_text())["model"]["num_classes"] == 3
 
     sample = ["sample", "--run-dir", str(run), "--num", "8", "--solver-steps", "4", "--json"]
-    result = runner.invoke(app, [*sample, "--label", "3", "--plot", str(tmp_path / "three.png")])
+    result = runner.invoke(app, [*sample, "--label", "2", "--plot", str(tmp_path / "two.png")])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["label"] == 3 and (tmp_path / "three.png").stat().st_size
-    for extra, message in (([], "give --label K"), (["--label", "10"], "in \\[0, 10\\)")):
+    assert json.loads(result.stdout)["label"] == 2 and (tmp_path / "two.png").stat().st_size
+    for extra, message in (([], "give --label K"), (["--label", "3"], "in \\[0, 3\\)")):
         result = runner.invoke(app, [*sample, *extra])
         assert result.exit_code == 1
         assert json.loads(result.stdout)["error"]
@@ -196,7 +205,7 @@ def test_cli_class_conditional_round_trip(tmp_path):
     summary = json.loads(result.stdout)
     assert summary["conditional"] is True
     assert np.isfinite(summary["nll_ode"]) and np.isfinite(summary["nll_bound"])
-    result = runner.invoke(app, [*nll, "--data", "digits"])  # no labels
+    result = runner.invoke(app, [*nll, "--data", "eight-gaussians", "--num", "50"])  # no labels
     assert result.exit_code == 1 and "give data with labels" in result.stderr
 
 
@@ -224,7 +233,7 @@ def test_class_conditional_digits_are_recognisable(tmp_path):
     digits assigns most class-k samples to class k (chance: 10%)."""
     from sklearn.linear_model import LogisticRegression
 
-    train, _ = _digits_files(tmp_path)
+    train = _digits_files(tmp_path)
     config = nd.TrainConfig(data=str(train), steps=1500, likelihood_steps=0)
     nd.train(config, tmp_path / "run")
     run = nd.load_run(tmp_path / "run")
