@@ -84,7 +84,7 @@ def nll(
     if run.source_transform is not None:
         raise ValueError(
             f"{str(run_dir)!r} holds a bridge (from {run.config.source!r}); `nfdm-de nll` scores "
-            "unconditional NFDMs only."
+            "NFDMs, not bridges."
         )
     default = nd.default_nll_method(run)
     methods = _methods(method) if method is not None else (default,)

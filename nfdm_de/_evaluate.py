@@ -143,12 +143,12 @@ def _dequantization(run: LoadedRun) -> Dequantization | None:
     )
 
 
-def _unconditional_model(run: LoadedRun) -> NFDM:
+def _nfdm_model(run: LoadedRun) -> NFDM:
     """The run's model, which the NLL is defined for only when it is an NFDM (not a bridge)."""
     if not isinstance(run.model, NFDM):
         raise ValueError(
-            f"the NLL is defined for unconditional NFDMs only; this run holds a "
-            f"{type(run.model).__name__}."
+            f"the NLL is defined for NFDMs (class-conditional ones too), not bridges; this run "
+            f"holds a {type(run.model).__name__}."
         )
     return run.model
 
@@ -171,7 +171,7 @@ def check_evaluation(
     number of chunks per batch and the mesh it would use."""
     if not methods:
         raise ValueError("`methods` must name at least one NLLMethod.")
-    _unconditional_model(run)
+    _nfdm_model(run)
     if NLLMethod.BOUND in methods and run.model.is_deterministic:
         raise ValueError(
             "this run's model is deterministic (g = 0): it has no variational bound; use "
@@ -237,7 +237,7 @@ def evaluate_nll(
         mesh=mesh,
         error_norm=error_norm,
     )
-    model = _unconditional_model(run)
+    model = _nfdm_model(run)
     x = check_examples(run, x, "the data")
     labels = check_labels(run, labels, x.shape[0])
     dims = math.prod(model.data_shape)
