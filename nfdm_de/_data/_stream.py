@@ -115,10 +115,7 @@ class BatchStream:
             if batch is None:  # grain's type for a filtered-out element; these batches have none
                 raise ValueError(f"grain returned no batch {index}.")
             return batch
-        indices = self._indices(index)
-        if self._labels is not None:
-            return self._array[indices], self._labels[indices]
-        return self._array[indices]
+        return _Gather(self._array, self._labels)(self._indices(index))
 
     def _fallback_dataset(self):
         # Built once, on first use, and only when grain's shuffle module could not be imported.
