@@ -12,6 +12,15 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".jax_cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# Most of the suite's time is XLA compiling programs that then run for well under a second, so
+# the CPU backend compiles with less optimisation: LLVM at -O0 and the classic (non-MLIR) fusion
+# emitters cut the compile time of a train step or an ODE solve with its gradient by a third.
+# The results are the same programs' results; only their speed differs. Added to any flags the
+# environment already sets.
+os.environ["XLA_FLAGS"] = (
+    f"{os.environ.get('XLA_FLAGS', '')} "
+    "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+).strip()
 # Strict dtype promotion, as Diffrax and Equinox test: mixing two concrete dtypes is an error, so
 # an implicit float32 * float64 in the library fails here instead of silently promoting (users
 # may run strict too). Python scalars stay weakly typed and are allowed. The environment carries
