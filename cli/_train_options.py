@@ -142,9 +142,9 @@ ForwardDepthOption = Annotated[
 InputOctavesOption = Annotated[
     int | None,
     typer.Option(
-        show_default="4",
-        help="Sin/cos features of the predictor MLP's input at 1, 2, ..., 2^(n-1) (default 4; "
-        "0 = none).",
+        show_default="auto",
+        help="Sin/cos features of the predictor MLP's input at 1, 2, ..., 2^(n-1) (0 = none; "
+        "default by the data's dimension: 4 up to 4-D, 2 up to 8-D, 0 above).",
     ),
 ]
 

@@ -180,6 +180,7 @@ from ._train._progress import (
 from ._train._run_dir import read_run_config as read_run_config
 from ._train._settings import (
     FLAT_SETTINGS as FLAT_SETTINGS,
+    resolve_input_octaves as resolve_input_octaves,
     resolve_likelihood_phase as resolve_likelihood_phase,
     update_config as update_config,
 )

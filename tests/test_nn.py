@@ -1,5 +1,7 @@
 """Reference networks: the input Fourier features and the MLP built on them."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -52,3 +54,29 @@ def test_config_input_octaves_reach_both_networks_and_old_configs_load(getkey):
     stored = nd.TrainConfig().to_dict()
     stored["model"]["forward_anchor"] = "vp"
     assert nd.TrainConfig.from_dict(stored).model.forward_anchor is nd.AnchorChoice.VP
+
+
+def test_automatic_input_octaves_follow_the_dimension_and_are_stored(getkey, tmp_path):
+    auto = nd.ModelConfig(width=8, depth=1)
+    assert auto.input_octaves is None
+
+    def octaves(config, dim):
+        features = nd.build_model(config, (dim,), getkey()).predictor.network.input_features
+        return 0 if features is None else len(features.frequencies)
+
+    # The documented rule: 4 up to 4-D, 2 up to 8-D, none above; explicit values are kept.
+    assert [octaves(auto, d) for d in (1, 2, 4, 5, 8, 9, 16)] == [4, 4, 4, 2, 2, 0, 0]
+    assert octaves(nd.ModelConfig(width=8, depth=1, input_octaves=3), 16) == 3
+    assert nd.resolve_input_octaves(auto, (8, 8, 1)).input_octaves == 0  # U-Nets take none
+    # `train` records the chosen value, and resuming with the setting left automatic works.
+    path = tmp_path / "eight.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(64, 8)))
+    config = nd.TrainConfig(
+        data=str(path), model=auto, steps=2, batch_size=16, num_train=64, likelihood_steps=0
+    )
+    nd.train(config, str(tmp_path / "run"))
+    stored = nd.load_run(str(tmp_path / "run"))
+    assert stored.config.model.input_octaves == 2
+    assert len(stored.model.predictor.network.input_features.frequencies) == 2
+    longer = nd.train(dataclasses.replace(config, steps=3), str(tmp_path / "run"), resume=True)
+    assert longer.steps == 3

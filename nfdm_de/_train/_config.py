@@ -77,7 +77,8 @@ class ModelConfig:
     - `volatility_value`: g for `constant`, the initial g for `learned`.
     - `input_octaves`: sin/cos of the predictor MLP's input at frequencies 1, 2, ..., 2^(n-1)
       (`FourierInputFeatures`; vector data, 0 = none). They let the predictor resolve sharp
-      and thin structure (checkerboard edges, spirals) in few steps.
+      and thin structure (checkerboard edges, spirals) in few steps. None (the default) lets
+      `resolve_for_data_shape` choose by the data's dimension: 4 in low dimension, fewer above.
     - `forward_input_octaves`: the same for the learnable forward process's MLP (default 0).
     - `forward_anchor`: the path the learnable Gaussian forward process is gated around
       (`NeuralGaussian.anchor`): `linear`, `vp`, or the default `mixed`, a learned mixture of
@@ -109,7 +110,7 @@ class ModelConfig:
     delta: float = 0.01
     volatility_value: float = 1.0
     time_power: float = 3.0
-    input_octaves: int = 4
+    input_octaves: int | None = None
     forward_input_octaves: int = 0
     forward_anchor: AnchorChoice = AnchorChoice.MIXED
     predictor_skip: PredictorSkipChoice = PredictorSkipChoice.GAUSSIAN
@@ -128,9 +129,11 @@ class ModelConfig:
         _check_positive_int("channels", self.channels)
         if self.num_classes is not None:
             _check_positive_int("num_classes", self.num_classes)
-        if not (isinstance(self.input_octaves, int) and 0 <= self.input_octaves <= 16):
+        octaves = self.input_octaves
+        if octaves is not None and not (isinstance(octaves, int) and 0 <= octaves <= 16):
             raise ValueError(
-                f"`input_octaves` must be an integer in [0, 16]; got {self.input_octaves!r}."
+                f"`input_octaves` must be an integer in [0, 16] (or None: by the data's "
+                f"dimension); got {self.input_octaves!r}."
             )
         if not (_is_real(self.curvature) and math.isfinite(self.curvature) and self.curvature >= 0):
             raise ValueError(f"`curvature` must be a finite number >= 0; got {self.curvature!r}.")

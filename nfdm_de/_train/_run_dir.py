@@ -69,9 +69,14 @@ def check_run_directory(run_dir: str, config: TrainConfig, resume: bool) -> None
         raise ValueError(
             f"cannot resume: {run_dir!r} is not empty and holds no nfdm-de run ({CONFIG_FILE})."
         )
-    if config.model.num_classes is None:  # set from the data's labels, checked after loading
-        model = dataclasses.replace(config.model, num_classes=stored.model.num_classes)
-        config = dataclasses.replace(config, model=model)
+    # Settings resolved once the data are known (the labels' classes, the input octaves by the
+    # dimension) take the stored values when left automatic; the data are checked after loading.
+    automatic = {
+        name: getattr(stored.model, name)
+        for name in ("num_classes", "input_octaves")
+        if getattr(config.model, name) is None
+    }
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, **automatic))
     check_compatible(stored, config, f"the run in {run_dir!r}")
     checkpoints = os.path.join(run_dir, CHECKPOINT_DIR)
     if os.path.lexists(checkpoints):
