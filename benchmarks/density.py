@@ -178,9 +178,12 @@ def load_points(directory: str) -> dict:
     return out
 
 
-def paired_over_seeds(seeds, name, mine, theirs, q, per_point) -> tuple[float, float] | None:
+def paired_over_seeds(
+    seeds, name, mine, theirs, q, per_point, their_q=None
+) -> tuple[float, float] | None:
     """`mine` minus `theirs` on set `name`, paired over the held-out points and averaged over the
-    training seeds: (mean, standard error). None when either is missing for some seed.
+    training seeds: (mean, standard error). None when either is missing for some seed. Both are
+    compared in quantity `q` unless `their_q` names the other's (a peer's `exact` NLL).
 
     Every seed is scored on the *same* held-out points, so the per-seed errors are not
     independent: the points' share of the error is common to all seeds and does not shrink with
@@ -190,11 +193,18 @@ def paired_over_seeds(seeds, name, mine, theirs, q, per_point) -> tuple[float, f
     / S. (The Monte Carlo part enters both, so this errs on the wide side.)"""
     rows = []
     for seed in seeds:
-        a, b = per_point.get((seed, name, mine, q)), per_point.get((seed, name, theirs, q))
+        a = per_point.get((seed, name, mine, q))
+        b = per_point.get((seed, name, theirs, q if their_q is None else their_q))
         if a is None or b is None:
             return None
         rows.append(np.asarray(a, np.float64) - np.asarray(b, np.float64))
-    difference = np.stack(rows)  # (seeds, points)
+    return mean_over_seeds(np.stack(rows))
+
+
+def mean_over_seeds(difference: np.ndarray) -> tuple[float, float]:
+    """(mean, standard error) of per-point values of shape (seeds, points) scored on the same
+    points by every seed, as `paired_over_seeds` explains."""
+    rows = list(difference)
     finite = np.isfinite(difference).all(axis=0)
     if finite.any():
         difference = difference[:, finite]

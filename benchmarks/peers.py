@@ -3,6 +3,8 @@
     python benchmarks/peers.py [--steps 1500] [--batch 256] [--width 64] [--depth 3]
         [--sets checkerboard,spirals,two-moons,rings,gmm-10d] [--methods nfdm,...,maf,gmm]
         [--seconds S]     # equal wall-clock variant: every iterative method trains ~S seconds
+        [--save-points DIR]  # also save each per-point gap array
+    python benchmarks/peers.py --paired DIR   # runs saved there (several seeds), paired
 
 Methods:
 - nfdm-de: `nfdm` (learnable Gaussian forward process, learned g: its variational bound and its
@@ -195,6 +197,33 @@ def train_gmm(name, budget: Budget):
 # --- the table ----------------------------------------------------------------------------------
 
 
+def print_paired(directory: str) -> None:
+    """From the per-point gaps `--save-points` wrote to `directory` (any number of runs and
+    seeds): each method's gap averaged over the seeds, and NFDM's ODE NLL gap (simulation-free,
+    and after its likelihood phase where saved) minus each method's, paired over the held-out
+    points, with standard errors that count the points and the seeds (`paired_over_seeds`)."""
+    from density import load_points, mean_over_seeds, paired_over_seeds
+
+    per_point = load_points(directory)
+    seeds = sorted({key[0] for key in per_point})
+    references = [m for m in ("nfdm", "nfdm+ml") if any(k[2] == m for k in per_point)]
+    print(f"\nSeeds {seeds}; NLL gaps in nats, mean over the seeds ± s.e.\n")
+    header = " | ".join(f"{r} ODE minus it" for r in references)
+    print(f"| set | method | NLL | gap | {header} |")
+    print("|---" * (4 + len(references)) + "|")
+    for name in sorted({key[1] for key in per_point}):
+        for method, q in sorted({(k[2], k[3]) for k in per_point if k[1] == name}):
+            rows = [per_point.get((seed, name, method, q)) for seed in seeds]
+            if any(r is None for r in rows):
+                continue
+            cells = [fmt(*mean_over_seeds(np.stack(rows)))]
+            for reference in references:
+                paired = paired_over_seeds(seeds, name, reference, method, "ode", per_point, q)
+                same = (reference, "ode") == (method, q)
+                cells.append("—" if paired is None or same else fmt(*paired))
+            print(f"| {name} | {method} | {q} | " + " | ".join(cells) + " |")
+
+
 def main(argv=None):
     parser = budget_parser(__doc__, sets=",".join(PEER_SETS), methods=",".join(DEFAULT_METHODS))
     parser.add_argument(
@@ -210,7 +239,16 @@ def main(argv=None):
         help="also save every per-point gap array here, as <set>_<method>_s<seed>_<nll>.npy "
         "(density.load_points reads them back for paired comparisons)",
     )
+    parser.add_argument(
+        "--paired",
+        default=None,
+        metavar="DIR",
+        help="print the seed-averaged and paired table of the points saved in DIR and exit",
+    )
     args = parser.parse_args(argv)
+    if args.paired is not None:
+        print_paired(args.paired)
+        return
     if args.save_points is not None:
         os.makedirs(args.save_points, exist_ok=True)
     budget = Budget(args.steps, args.batch, args.width, args.depth, args.lr, args.seed)
