@@ -64,7 +64,11 @@ def train_or_load(name, model_config, args) -> nd.LoadedRun:
         likelihood_steps=0,
     )
     existing = nd.read_run_config(run_dir)
-    if existing is not None and existing.model != config.model:
+    # Input octaves left automatic are stored resolved from the data; compare everything else.
+    automatic = {}
+    if existing is not None and config.model.input_octaves is None:
+        automatic = {"input_octaves": existing.model.input_octaves}
+    if existing is not None and existing.model != dataclasses.replace(config.model, **automatic):
         raise SystemExit(
             f"{run_dir} holds a run with another model config ({existing.model}); "
             "pass another --run-root."
