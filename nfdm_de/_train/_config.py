@@ -78,7 +78,7 @@ class ModelConfig:
     - `input_octaves`: sin/cos of the predictor MLP's input at frequencies 1, 2, ..., 2^(n-1)
       (`FourierInputFeatures`; vector data, 0 = none). They let the predictor resolve sharp
       and thin structure (checkerboard edges, spirals) in few steps. None (the default) lets
-      `resolve_for_data_shape` choose by the data's dimension: 4 in low dimension, fewer above.
+      `resolve_input_octaves` choose by the data's dimension: 4 in low dimension, fewer above.
     - `forward_input_octaves`: the same for the learnable forward process's MLP (default 0).
     - `forward_anchor`: the path the learnable Gaussian forward process is gated around
       (`NeuralGaussian.anchor`): `linear`, `vp`, or the default `mixed`, a learned mixture of
