@@ -243,6 +243,12 @@ def test_affine_transform(getkey):
     _, logdet = jnp.linalg.slogdet(jacobian)
     assert abs(float(logdet - transform.log_det())) < IDENTITY_TOL
     assert abs(float(transform.log_det(jnp.asarray(x[0])) - transform.log_det())) == 0
+    # A column constant in the training data is only shifted: a held-out 7.5 there maps to 0.5.
+    constant = np.concatenate([x, np.full((500, 1), 7.0)], axis=1)
+    transform = nd.AffineDataTransform.standardise(constant)
+    assert float(transform.scale[3]) == 1.0
+    held_out = jnp.asarray(np.append(x[0], 7.5))
+    assert float(transform.to_model(held_out)[3]) == pytest.approx(0.5, abs=1e-12)
 
 
 def test_pipeline_order(getkey):

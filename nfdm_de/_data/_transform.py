@@ -35,10 +35,15 @@ class AffineDataTransform(eqx.Module):
 
     @classmethod
     def standardise(cls, x, *, min_scale: float = 1e-6) -> "AffineDataTransform":
-        """Per-dimension mean and standard deviation of the training data `x` of shape (N, D)."""
+        """Per-dimension mean and standard deviation of the training data `x` of shape (N, D).
+
+        A column constant in the training data (standard deviation below `min_scale`) is only
+        shifted (scale 1): a held-out value off that constant stays at its distance in data
+        units instead of landing millions of units out, where no ODE solve could follow it."""
         x = np.asarray(x, dtype=np.float64)
         shift = x.mean(axis=0)
-        scale = np.maximum(x.std(axis=0), min_scale)
+        std = x.std(axis=0)
+        scale = np.where(std < min_scale, 1.0, std)
         dtype = jnp.result_type(float)
         return cls(jnp.asarray(shift, dtype), jnp.asarray(scale, dtype))
 
