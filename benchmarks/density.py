@@ -204,14 +204,14 @@ def paired_over_seeds(
 def mean_over_seeds(difference: np.ndarray) -> tuple[float, float]:
     """(mean, standard error) of per-point values of shape (seeds, points) scored on the same
     points by every seed, as `paired_over_seeds` explains."""
-    rows = list(difference)
+    num_seeds = difference.shape[0]
     finite = np.isfinite(difference).all(axis=0)
     if finite.any():
         difference = difference[:, finite]
     seed_averaged = difference.mean(axis=0)
     variance = seed_averaged.var(ddof=1) / seed_averaged.size if seed_averaged.size > 1 else 0.0
-    if len(rows) > 1:
-        variance += difference.mean(axis=1).var(ddof=1) / len(rows)
+    if num_seeds > 1:
+        variance += difference.mean(axis=1).var(ddof=1) / num_seeds
     return float(seed_averaged.mean()), math.sqrt(variance)
 
 
