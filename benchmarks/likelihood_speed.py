@@ -11,8 +11,9 @@ fixed random rotation (D = 2: the set itself), standardised. Three models of the
   `AffineProbPath` with `CondOTScheduler`), likelihood by `ODESolver.compute_likelihood`
   (torchdiffeq dopri5);
 - `nfdm-de FM`: this project's flow-matching model (`forward=linear`, `volatility=zero`), with
-  its default Fourier features of the input (chosen by the dimension: 4 octaves at D = 2, 2 at
-  D = 8, none at D = 32), and as a plain MLP (`input_octaves=0`) like the peer's;
+  its default predictor for the dimension (Fourier input features: 4 octaves at D = 2, 2 at
+  D = 8, none at D = 32; residual hidden layers at D = 8), and as a plain MLP
+  (`input_octaves=0`, `predictor_residual=False`) like the peer's;
 - `nfdm-de NFDM`: the default NFDM (learnable forward process, no likelihood phase).
 
 Each likelihood is the exact divergence and Hutchinson's estimator (one Rademacher probe), on
@@ -90,6 +91,8 @@ def train_nfdm(
         forward=nd.ForwardChoice.LINEAR if linear else nd.ForwardChoice.NEURAL_GAUSSIAN,
         volatility=nd.VolatilityChoice.ZERO if linear else nd.VolatilityChoice.LEARNED,
         input_octaves=octaves,
+        # The plain-MLP variant (no input features) takes plain hidden layers too.
+        predictor_residual=False if octaves == 0 else None,
     )
     config = nd.TrainConfig(data=path, model=model, steps=steps, likelihood_steps=0)
     features = "auto" if octaves is None else octaves

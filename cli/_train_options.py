@@ -15,6 +15,7 @@ CHOICES = {
     "likelihood_trace": ("auto", "exact", "hutchinson"),
     "forward_anchor": ("linear", "vp", "mixed"),
     "predictor_skip": ("gaussian", "gaussian-full", "linear"),
+    "predictor_residual": ("auto", "on", "off"),
     "schedule": ("cosine", "constant"),
 }
 
@@ -138,6 +139,29 @@ ForwardDepthOption = Annotated[
         help="Hidden layers of the learnable forward process's network (default 2).",
     ),
 ]
+
+PredictorResidualOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="CHOICE",
+        show_default="auto",
+        help="The predictor MLP's hidden layers as normalised residual blocks: auto (default: "
+        "on from 5-D to 8-D, off elsewhere), on or off.",
+    ),
+]
+
+# --predictor-residual's choices, as the setting's value (None: automatic).
+RESIDUAL_CHOICES = {"auto": None, "on": True, "off": False}
+
+
+def residual_setting(choice: str | None) -> bool | None:
+    """The `predictor_residual` setting of a --predictor-residual choice (None: not given)."""
+    if choice is None:
+        return None
+    if choice not in RESIDUAL_CHOICES:
+        raise ValueError(f"unknown predictor_residual {choice!r}; expected one of: auto, on, off.")
+    return RESIDUAL_CHOICES[choice]
+
 
 InputOctavesOption = Annotated[
     int | None,

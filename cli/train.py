@@ -38,6 +38,7 @@ def train(
     forward_width: opt.ForwardWidthOption = None,
     forward_depth: opt.ForwardDepthOption = None,
     input_octaves: opt.InputOctavesOption = None,
+    predictor_residual: opt.PredictorResidualOption = None,
     forward_anchor: opt.ForwardAnchorOption = None,
     predictor_skip: opt.PredictorSkipOption = None,
     channels: opt.ChannelsOption = None,
@@ -63,6 +64,8 @@ def train(
     import nfdm_de as nd
 
     flags = {k: v for k, v in locals().items() if k not in _NOT_SETTINGS and k in nd.FLAT_SETTINGS}
+    # --predictor-residual's choice as the setting (a bool; None: automatic).
+    given_residual = flags.pop("predictor_residual") is not None
     # Before any JAX computation: joining a multi-process run must precede backend setup.
     nd.initialize_distributed(coordinator, num_processes, process_id)
     settings = read_toml(config) if config is not None else {}
@@ -72,6 +75,8 @@ def train(
             f"config file {str(config)!r}: run_dir must be a path (a string); got {toml_run_dir!r}."
         )
     settings.update({k: v for k, v in flags.items() if v is not None})
+    if given_residual:  # an explicit `auto` overrides a file's value
+        settings["predictor_residual"] = opt.residual_setting(predictor_residual)
     directory = run_dir if run_dir is not None else toml_run_dir
     base = nd.TrainConfig()
     if directory is not None and resume:

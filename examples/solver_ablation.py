@@ -64,10 +64,15 @@ def train_or_load(name, model_config, args) -> nd.LoadedRun:
         likelihood_steps=0,
     )
     existing = nd.read_run_config(run_dir)
-    # Input octaves left automatic are stored resolved from the data; compare everything else.
+    # Settings left automatic (None) are stored resolved from the data; compare everything else.
     automatic = {}
-    if existing is not None and config.model.input_octaves is None:
-        automatic = {"input_octaves": existing.model.input_octaves}
+    if existing is not None:
+        fields = dataclasses.fields(config.model)
+        automatic = {
+            f.name: getattr(existing.model, f.name)
+            for f in fields
+            if getattr(config.model, f.name) is None
+        }
     if existing is not None and existing.model != dataclasses.replace(config.model, **automatic):
         raise SystemExit(
             f"{run_dir} holds a run with another model config ({existing.model}); "

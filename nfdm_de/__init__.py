@@ -182,6 +182,7 @@ from ._train._settings import (
     FLAT_SETTINGS as FLAT_SETTINGS,
     resolve_input_octaves as resolve_input_octaves,
     resolve_likelihood_phase as resolve_likelihood_phase,
+    resolve_predictor_residual as resolve_predictor_residual,
     update_config as update_config,
 )
 from ._train._state import (

@@ -315,6 +315,7 @@ _UNUSED_BY_BRIDGES = (
     "forward_depth",
     "input_octaves",
     "forward_input_octaves",
+    "predictor_residual",
     "forward_anchor",
     "predictor_skip",
     "channels",

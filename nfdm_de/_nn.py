@@ -87,6 +87,12 @@ class TimeConditionedMLP(eqx.Module):
     added to every hidden layer (so time information does not wash out with depth).
 
     `input_octaves` > 0 expands the input x with `FourierInputFeatures` first.
+
+    `residual` makes every hidden layer after the first a pre-normalised residual block,
+    h <- h + silu(W rms(h) + P features), and feeds the output layer rms(h), where rms(h) =
+    h / sqrt(mean(h^2) + 1e-6). On the rotated 8-D shapes it cut the held-out gap by half a nat
+    at the same steps; it was even at 10-D and 16-D and worse at 2-D and 32-D (docs/training.md,
+    "Predictor architecture").
     """
 
     time_features: FourierTimeFeatures
@@ -96,6 +102,7 @@ class TimeConditionedMLP(eqx.Module):
     output: eqx.nn.Linear
     in_size: int = eqx.field(static=True)
     out_size: int = eqx.field(static=True)
+    residual: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -107,6 +114,7 @@ class TimeConditionedMLP(eqx.Module):
         num_frequencies: int = 8,
         zero_init_output: bool = False,
         input_octaves: int = 0,
+        residual: bool = False,
         key: Key,
     ):
         for name, value in (("in_size", in_size), ("out_size", out_size), ("width", width)):
@@ -114,8 +122,11 @@ class TimeConditionedMLP(eqx.Module):
                 raise ValueError(f"`{name}` must be a positive integer; got {value}.")
         if depth < 1:
             raise ValueError(f"`depth` (number of hidden layers) must be >= 1; got {depth}.")
+        if not isinstance(residual, bool):
+            raise ValueError(f"`residual` must be True or False; got {residual!r}.")
         self.in_size = in_size
         self.out_size = out_size
+        self.residual = residual
         self.time_features = FourierTimeFeatures(num_frequencies)
         if input_octaves < 0:
             raise ValueError(f"`input_octaves` must be >= 0; got {input_octaves}.")
@@ -151,9 +162,13 @@ class TimeConditionedMLP(eqx.Module):
         features = self.time_features(jnp.asarray(t, x.dtype))
         inputs = x if self.input_features is None else self.input_features(x)
         h = jnp.concatenate([inputs, features])
-        for layer, projection in zip(self.layers, self.time_projections, strict=True):
-            h = jax.nn.silu(layer(h) + projection(features))
-        return self.output(h)
+        h = jax.nn.silu(self.layers[0](h) + self.time_projections[0](features))
+        for layer, projection in zip(self.layers[1:], self.time_projections[1:], strict=True):
+            if self.residual:
+                h = h + jax.nn.silu(layer(_rms_normalise(h)) + projection(features))
+            else:
+                h = jax.nn.silu(layer(h) + projection(features))
+        return self.output(_rms_normalise(h) if self.residual else h)
 
     def value_and_time_derivative(
         self, x: Float[Array, " in_size"], t: Time
@@ -168,6 +183,9 @@ class TimeConditionedMLP(eqx.Module):
         train step.
         """
         self._check_vector(x)
+        if self.residual:
+            t = jnp.asarray(t, x.dtype)
+            return jax.jvp(lambda s: self(x, s), (t,), (jnp.ones_like(t),))
         features, features_rate = self.time_features.value_and_time_derivative(
             jnp.asarray(t, x.dtype)
         )
@@ -185,6 +203,11 @@ class TimeConditionedMLP(eqx.Module):
             pre_rate = rate @ layer.weight.T + features_rate @ projection.weight.T
             h, rate = _silu_and_rate(pre, pre_rate)
         return h @ self.output.weight.T + _bias(self.output), rate @ self.output.weight.T
+
+
+def _rms_normalise(h: Array) -> Array:
+    """h / sqrt(mean(h^2) + 1e-6): the normalisation of the residual blocks."""
+    return h * jax.lax.rsqrt(jnp.mean(h**2) + 1e-6)
 
 
 def _silu_and_rate(pre: Array, pre_rate: Array) -> tuple[Array, Array]:
@@ -225,6 +248,7 @@ class ContextMLP(eqx.Module):
         width: int = 128,
         depth: int = 3,
         input_octaves: int = 0,
+        residual: bool = False,
         key: Key,
     ):
         if (num_classes is None) == (context_size is None):
@@ -251,6 +275,7 @@ class ContextMLP(eqx.Module):
             width=width,
             depth=depth,
             input_octaves=input_octaves,
+            residual=residual,
             key=network_key,
         )
 
@@ -374,6 +399,7 @@ def mlp_predictor(
     depth: int = 3,
     delta: float = 0.01,
     input_octaves: int = 0,
+    residual: bool = False,
     skip: PredictorSkipChoice = PredictorSkipChoice.GAUSSIAN,
     num_classes: int | None = None,
     context_size: int | None = None,
@@ -381,10 +407,17 @@ def mlp_predictor(
 ) -> Predictor:
     """The reference predictor for vectors: `Predictor` around a `TimeConditionedMLP`, or
     around a `ContextMLP` when `num_classes` (class labels) or `context_size` (vectors) is given.
+    `input_octaves` and `residual` as in `TimeConditionedMLP`.
     """
     if num_classes is None and context_size is None:
         network = TimeConditionedMLP(
-            data_size, data_size, width=width, depth=depth, input_octaves=input_octaves, key=key
+            data_size,
+            data_size,
+            width=width,
+            depth=depth,
+            input_octaves=input_octaves,
+            residual=residual,
+            key=key,
         )
     else:
         network = ContextMLP(
@@ -394,6 +427,7 @@ def mlp_predictor(
             width=width,
             depth=depth,
             input_octaves=input_octaves,
+            residual=residual,
             key=key,
         )
     return Predictor(network=network, delta=delta, skip=skip)

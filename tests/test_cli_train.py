@@ -61,6 +61,7 @@ def test_help():
         "--input-octaves",
         "--forward-anchor",
         "--predictor-skip",
+        "--predictor-residual",
     ):
         assert flag in result.stdout
 
@@ -174,6 +175,7 @@ def bad_files(tmp_path):
         (["--likelihood-lr", "0"], "`likelihood_lr` must be a finite number > 0"),
         (["--likelihood-bound-weight", "-1"], "`likelihood_bound_weight` must be a finite"),
         (["--input-octaves", "-1"], "`input_octaves` must be an integer in [0, 16]"),
+        (["--predictor-residual", "yes"], "unknown predictor_residual 'yes'"),
         (["--data", "digits-images", "--likelihood-steps", "5"], "needs an NFDM on vector data"),
         (["--data", "digits-images", "--forward", "neural-flow"], "neural-flow forward process"),
         (["--config", "{d}/none.toml"], "does not exist"),
@@ -253,6 +255,7 @@ def test_likelihood_phase_flags_and_nll_default(tmp_path):
     args = ["train", "--config", str(config), "--run-dir", str(run_dir), "--json"]
     args += ["--likelihood-steps", "3", "--likelihood-lr", "5e-4", "--input-octaves", "2"]
     args += ["--forward-anchor", "linear", "--likelihood-bound-weight", "0"]
+    args += ["--predictor-residual", "on"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 9
@@ -260,6 +263,7 @@ def test_likelihood_phase_flags_and_nll_default(tmp_path):
     assert stored["likelihood_steps"] == 3 and stored["likelihood_lr"] == 5e-4
     assert stored["likelihood_bound_weight"] == 0.0
     assert stored["model"]["input_octaves"] == 2 and stored["model"]["forward_anchor"] == "linear"
+    assert stored["model"]["predictor_residual"] is True
     phases = [json.loads(line)["phase"] for line in (run_dir / "metrics.jsonl").open()]
     assert phases == ["simulation-free", "simulation-free", "likelihood"]
     # After a likelihood phase, `nll` reports the ODE NLL (what the model last optimised).

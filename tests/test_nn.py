@@ -78,5 +78,68 @@ def test_automatic_input_octaves_follow_the_dimension_and_are_stored(getkey, tmp
     stored = nd.load_run(str(tmp_path / "run"))
     assert stored.config.model.input_octaves == 2
     assert len(stored.model.predictor.network.input_features.frequencies) == 2
+    assert stored.config.model.predictor_residual is True
+    assert stored.model.predictor.network.residual
     longer = nd.train(dataclasses.replace(config, steps=3), str(tmp_path / "run"), resume=True)
     assert longer.steps == 3
+
+
+def _hand_written_residual_mlp(net, x, t):
+    """The residual MLP written out in NumPy from its weights (float64)."""
+
+    def linear(layer, h):
+        w = np.asarray(layer.weight, np.float64)
+        b = 0.0 if layer.bias is None else np.asarray(layer.bias, np.float64)
+        return w @ h + b
+
+    def silu(a):
+        return a / (1 + np.exp(-a))
+
+    def rms(h):
+        return h / np.sqrt(np.mean(h**2) + 1e-6)
+
+    features = np.asarray(net.time_features(jnp.asarray(t)), np.float64)
+    h = silu(
+        linear(net.layers[0], np.concatenate([x, features]))
+        + linear(net.time_projections[0], features)
+    )
+    for layer, projection in zip(net.layers[1:], net.time_projections[1:], strict=True):
+        h = h + silu(linear(layer, rms(h)) + linear(projection, features))
+    return linear(net.output, rms(h))
+
+
+def test_residual_mlp_matches_its_formula_and_time_derivative(getkey):
+    net = nd.TimeConditionedMLP(3, 2, width=16, depth=3, residual=True, key=getkey())
+    x, t = np.array([0.3, -1.1, 0.7]), 0.37
+    np.testing.assert_allclose(
+        np.asarray(net(jnp.asarray(x), t)),
+        _hand_written_residual_mlp(net, x, t),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # Its time derivative (used when it is a forward process's network) against a central
+    # difference of the hand-written formula.
+    _, rate = net.value_and_time_derivative(jnp.asarray(x), jnp.asarray(t))
+    h = 1e-4
+    difference = (
+        _hand_written_residual_mlp(net, x, t + h) - _hand_written_residual_mlp(net, x, t - h)
+    ) / (2 * h)
+    np.testing.assert_allclose(np.asarray(rate), difference, rtol=1e-3, atol=1e-4)
+
+
+def test_automatic_residual_predictor_follows_the_dimension(getkey):
+    auto = nd.ModelConfig(width=8, depth=2)
+    assert auto.predictor_residual is None
+
+    def residual(config, dim):
+        return nd.build_model(config, (dim,), getkey()).predictor.network.residual
+
+    # The documented rule: residual from 5-D to 8-D, plain elsewhere; explicit values are kept.
+    assert [residual(auto, d) for d in (2, 4, 5, 8, 9, 16)] == [False] * 2 + [True] * 2 + [
+        False
+    ] * 2
+    assert residual(dataclasses.replace(auto, predictor_residual=True), 2)
+    assert not residual(dataclasses.replace(auto, predictor_residual=False), 8)
+    assert nd.resolve_predictor_residual(auto, (8, 8, 1)).predictor_residual is False
+    with pytest.raises(ValueError, match="predictor_residual"):
+        nd.update_config(nd.TrainConfig(), {"predictor_residual": "yes"})

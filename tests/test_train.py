@@ -262,8 +262,10 @@ def test_resume_is_bit_identical(straight_run, tmp_path):
 def test_load_run(straight_run):
     run_dir, _ = straight_run
     run = nd.load_run(str(run_dir))
-    # The stored config is TINY with its automatic input octaves made concrete (2-D data: 4).
-    resolved = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, input_octaves=4))
+    # The stored config is TINY with its automatic predictor settings made concrete (2-D data:
+    # 4 input octaves, plain hidden layers).
+    model = dataclasses.replace(TINY.model, input_octaves=4, predictor_residual=False)
+    resolved = dataclasses.replace(TINY, model=model)
     assert run.config == resolved and run.dataset == "eight-gaussians" and run.step == 40
     assert run.num_levels is None and isinstance(run.transform, nd.AffineDataTransform)
     x = nd.load_dataset("eight-gaussians", split="train", num=512)
@@ -310,9 +312,8 @@ def test_extending_a_finished_constant_schedule_run_is_exact(tmp_path):
     nd.train(constant, str(tmp_path / "b"))
     a, b = nd.load_run(str(tmp_path / "a")), nd.load_run(str(tmp_path / "b"))
     assert a.step == b.step == 40 and a.config == b.config
-    assert a.config == dataclasses.replace(
-        constant, model=nd.resolve_input_octaves(TINY.model, (2,))
-    )
+    model = nd.resolve_predictor_residual(nd.resolve_input_octaves(TINY.model, (2,)), (2,))
+    assert a.config == dataclasses.replace(constant, model=model)
     assert _bit_identical(a.model, b.model) and _bit_identical(a.raw_model, b.raw_model)
 
 

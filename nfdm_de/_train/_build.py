@@ -24,7 +24,7 @@ from .._volatility import (
     ZeroVolatility,
 )
 from ._config import ForwardChoice, ModelConfig, VolatilityChoice
-from ._settings import input_octaves_for
+from ._settings import input_octaves_for, predictor_residual_for
 
 
 def _vector_size(shape, what: str) -> int:
@@ -122,7 +122,8 @@ def check_model_config(config: ModelConfig, *, forward_is_learnable: bool | None
 def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> NFDM:
     """Build the NFDM described by `config` for examples of shape `data_shape`: vectors `(D,)`
     get MLP networks (`width`, `depth`), images `(H, W, C)` U-Nets (`channels`). An automatic
-    `input_octaves` (None) takes its value for `data_shape` (`input_octaves_for`).
+    `input_octaves` (None) takes its value for `data_shape` (`input_octaves_for`), and so does
+    an automatic `predictor_residual` (`predictor_residual_for`).
 
     Refuses a deterministic model (`volatility=zero`) with a learnable forward process and no
     curvature penalty: that objective can be cheated by a degenerate noise schedule
@@ -159,6 +160,7 @@ def build_model(config: ModelConfig, data_shape: tuple[int, ...], key: Key) -> N
             depth=config.depth,
             delta=config.delta,
             input_octaves=input_octaves_for(config, data_shape),
+            residual=predictor_residual_for(config, data_shape),
             skip=config.predictor_skip,
             num_classes=config.num_classes,
             key=predictor_key,

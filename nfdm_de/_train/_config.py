@@ -80,6 +80,9 @@ class ModelConfig:
       and thin structure (checkerboard edges, spirals) in few steps. None (the default) lets
       `resolve_input_octaves` choose by the data's dimension: 4 in low dimension, fewer above.
     - `forward_input_octaves`: the same for the learnable forward process's MLP (default 0).
+    - `predictor_residual`: the predictor MLP's hidden layers as pre-normalised residual blocks
+      (`TimeConditionedMLP.residual`). None (the default) lets `resolve_predictor_residual`
+      choose by the data's dimension: residual from 5-D to 8-D, plain elsewhere.
     - `forward_anchor`: the path the learnable Gaussian forward process is gated around
       (`NeuralGaussian.anchor`): `linear`, `vp`, or the default `mixed`, a learned mixture of
       the two (starting halfway), which lets training pick the better of the two paths per
@@ -112,6 +115,7 @@ class ModelConfig:
     time_power: float = 3.0
     input_octaves: int | None = None
     forward_input_octaves: int = 0
+    predictor_residual: bool | None = None
     forward_anchor: AnchorChoice = AnchorChoice.MIXED
     predictor_skip: PredictorSkipChoice = PredictorSkipChoice.GAUSSIAN
     num_classes: int | None = None
@@ -134,6 +138,11 @@ class ModelConfig:
             raise ValueError(
                 f"`input_octaves` must be an integer in [0, 16] (or None: by the data's "
                 f"dimension); got {self.input_octaves!r}."
+            )
+        if self.predictor_residual is not None and not isinstance(self.predictor_residual, bool):
+            raise ValueError(
+                f"`predictor_residual` must be true, false or None (by the data's dimension); got "
+                f"{self.predictor_residual!r}."
             )
         if not (_is_real(self.curvature) and math.isfinite(self.curvature) and self.curvature >= 0):
             raise ValueError(f"`curvature` must be a finite number >= 0; got {self.curvature!r}.")

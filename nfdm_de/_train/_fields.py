@@ -61,6 +61,10 @@ def _coerce(cls, name: str, value):
             return value
     if target == int | None:
         raise ValueError(f"`{name}` must be a positive integer or None; got {value!r}.")
+    if target == bool | None:
+        if value is None or isinstance(value, bool):
+            return value
+        raise ValueError(f"`{name}` must be true, false or None (automatic); got {value!r}.")
     if target in (int, float, str):
         raise ValueError(f"`{name}` must be {target.__name__}; got {value!r}.")
     return value

@@ -28,7 +28,11 @@ from ._run_dir import (
     check_compatible,
     newest_readable,
 )
-from ._settings import resolve_input_octaves, resolve_likelihood_phase
+from ._settings import (
+    resolve_input_octaves,
+    resolve_likelihood_phase,
+    resolve_predictor_residual,
+)
 from ._state import TrainState, init_train_state
 
 
@@ -101,8 +105,9 @@ def _resolve_classes(config: TrainConfig, data: _Data) -> TrainConfig:
 
 def _resolve_for_data(config: TrainConfig, data: _Data) -> TrainConfig:
     config = _resolve_classes(config, data)
-    if config.source is None:  # a bridge's networks take no input features
+    if config.source is None:  # a bridge's networks take no input features or residual blocks
         model = resolve_input_octaves(config.model, data.shape)
+        model = resolve_predictor_residual(model, data.shape)
         config = dataclasses.replace(config, model=model)
     config = resolve_likelihood_phase(config, data.shape, discrete=data.num_levels is not None)
     if config.resolved_likelihood_steps > 0 and (config.source is not None or len(data.shape) != 1):

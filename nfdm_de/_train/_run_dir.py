@@ -69,11 +69,12 @@ def check_run_directory(run_dir: str, config: TrainConfig, resume: bool) -> None
         raise ValueError(
             f"cannot resume: {run_dir!r} is not empty and holds no nfdm-de run ({CONFIG_FILE})."
         )
-    # Settings resolved once the data are known (the labels' classes, the input octaves by the
-    # dimension) take the stored values when left automatic; the data are checked after loading.
+    # Settings resolved once the data are known (the labels' classes, the input octaves and the
+    # residual predictor by the dimension) take the stored values when left automatic; the data
+    # are checked after loading.
     automatic = {
         name: getattr(stored.model, name)
-        for name in ("num_classes", "input_octaves")
+        for name in ("num_classes", "input_octaves", "predictor_residual")
         if getattr(config.model, name) is None
     }
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, **automatic))
