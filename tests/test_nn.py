@@ -141,5 +141,9 @@ def test_automatic_residual_predictor_follows_the_dimension(getkey):
     assert residual(dataclasses.replace(auto, predictor_residual=True), 2)
     assert not residual(dataclasses.replace(auto, predictor_residual=False), 8)
     assert nd.resolve_predictor_residual(auto, (8, 8, 1)).predictor_residual is False
+    # A stored config without the setting holds a plain predictor, and loads as one.
+    stored = nd.TrainConfig().to_dict()
+    del stored["model"]["predictor_residual"]
+    assert nd.TrainConfig.from_dict(stored).model.predictor_residual is False
     with pytest.raises(ValueError, match="predictor_residual"):
         nd.update_config(nd.TrainConfig(), {"predictor_residual": "yes"})

@@ -80,11 +80,18 @@ def _check_known(cls, d: dict, where: str) -> None:
         )
 
 
+# Stored-config keys that a run directory may lack, with the value that reproduces its model:
+# a config without `predictor_residual` has a plain predictor MLP.
+ABSENT_MEANS: dict[str, object] = {"predictor_residual": False}
+
+
 def _dataclass_from_dict(cls, d: dict, where: str, **already):
     if not isinstance(d, dict):
         raise ValueError(f"config section '{where}' must be a table; got {d!r}.")
     _check_known(cls, d, where)
-    kwargs = dict(already)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in ABSENT_MEANS.items() if k in names}
+    kwargs.update(already)
     kwargs.update({name: _coerce(cls, name, value) for name, value in d.items()})
     missing = sorted({f.name for f in dataclasses.fields(cls)} - set(kwargs))
     if missing:
