@@ -78,7 +78,11 @@ LikelihoodStepsOption = Annotated[
 
 LikelihoodLrOption = Annotated[
     float | None,
-    typer.Option(show_default="0.003", help="Peak learning rate of the likelihood phase (3e-3)."),
+    typer.Option(
+        show_default="auto",
+        help="Peak learning rate of the likelihood phase (default by the data's dimension: 3e-3 "
+        "up to 4-D, 1e-2 above).",
+    ),
 ]
 
 LikelihoodBatchOption = Annotated[

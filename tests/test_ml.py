@@ -202,7 +202,8 @@ def test_phase_runs_logs_and_resumes_bit_identically(phased_run, tmp_path):
     for r in records[6:]:
         assert np.isfinite(r["loss"]) and r["diffusion"] > 0
         assert r["reconstruction"] == pytest.approx(reconstruction, rel=1e-5)
-    assert records[6]["lr"] <= PHASED.likelihood_lr
+    # The automatic phase rate for 2-D data.
+    assert records[6]["lr"] <= nd.load_run(str(phased_run)).config.likelihood_lr == 3e-3
     # Stop at the boundary and inside the phase; resuming gives the straight run exactly.
     nd.train(PHASED, str(tmp_path), stop_at=30)
     nd.train(PHASED, str(tmp_path), resume=True, stop_at=35)
@@ -386,6 +387,9 @@ def test_automatic_phase_settings_follow_the_data():
     assert (two_d.likelihood_steps, two_d.likelihood_trace) == (200, nd.TraceChoice.EXACT)
     ten_d = resolve(auto, (10,), discrete=False)
     assert (ten_d.likelihood_steps, ten_d.likelihood_trace) == (200, nd.TraceChoice.HUTCHINSON)
+    # The phase's rate: 3e-3 up to 4-D, 1e-2 above.
+    rates = [resolve(auto, (d,), discrete=False).likelihood_lr for d in (2, 4, 5, 8, 16)]
+    assert rates == [3e-3, 3e-3, 1e-2, 1e-2, 1e-2]
     assert resolve(dataclasses.replace(auto, steps=40), (2,), discrete=False).likelihood_steps == 2
     # No phase where it does not apply or is too costly; the (moot) trace is left as given.
     off = [
@@ -399,7 +403,9 @@ def test_automatic_phase_settings_follow_the_data():
         resolved = resolve(config, shape, discrete=discrete)
         assert resolved == dataclasses.replace(config, likelihood_steps=0), (shape, discrete)
     # Explicit settings are kept as given.
-    explicit = dataclasses.replace(auto, likelihood_steps=7, likelihood_trace=nd.TraceChoice.EXACT)
+    explicit = dataclasses.replace(
+        auto, likelihood_steps=7, likelihood_trace=nd.TraceChoice.EXACT, likelihood_lr=5e-4
+    )
     assert resolve(explicit, (10,), discrete=False) == explicit
     with pytest.raises(ValueError, match="still automatic"):
         _ = auto.total_steps

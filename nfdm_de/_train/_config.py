@@ -233,7 +233,8 @@ class TrainConfig:
     # default) lets `resolve_likelihood_phase` choose once the data is known: steps // 15 where
     # the phase applies and is affordable, else 0.
     likelihood_steps: int | None = None
-    likelihood_lr: float = 3e-3
+    # None (the default): `resolve_likelihood_phase` chooses by the data's dimension.
+    likelihood_lr: float | None = None
     likelihood_tol: float = 3e-3
     # Examples per likelihood-phase step (None: `batch_size`). A step's cost is proportional to
     # it, and a smaller batch buys more steps of the phase for the same time.
@@ -274,13 +275,14 @@ class TrainConfig:
                 f"`likelihood_steps` must be an integer >= 0 (or None: automatic); got "
                 f"{self.likelihood_steps!r}."
             )
-        if not (
+        if self.likelihood_lr is not None and not (
             _is_real(self.likelihood_lr)
             and math.isfinite(self.likelihood_lr)
             and self.likelihood_lr > 0
         ):
             raise ValueError(
-                f"`likelihood_lr` must be a finite number > 0; got {self.likelihood_lr!r}."
+                f"`likelihood_lr` must be a finite number > 0 (or None: automatic); got "
+                f"{self.likelihood_lr!r}."
             )
         _check_enum("likelihood_trace", self.likelihood_trace, TraceChoice)
         if not (

@@ -61,6 +61,10 @@ def _coerce(cls, name: str, value):
             return value
     if target == int | None:
         raise ValueError(f"`{name}` must be a positive integer or None; got {value!r}.")
+    if target == float | None and (value is None or _is_real(value)):
+        return None if value is None else float(value)
+    if target == float | None:
+        raise ValueError(f"`{name}` must be a number or None (automatic); got {value!r}.")
     if target == bool | None:
         if value is None or isinstance(value, bool):
             return value

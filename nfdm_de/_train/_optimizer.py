@@ -44,7 +44,9 @@ def run_schedule(config: TrainConfig) -> Callable[[int], float]:
     simulation-free steps, then for the likelihood phase a cosine decay from `likelihood_lr` to
     1% of it over `likelihood_steps` (no warm-up: the phase starts from a trained model)."""
     first = learning_rate_schedule(config.optim, config.steps)
-    peak, length = config.likelihood_lr, max(config.resolved_likelihood_steps, 1)
+    length = max(config.resolved_likelihood_steps, 1)
+    # A run without a phase may leave its (moot) rate automatic.
+    peak = 0.0 if config.likelihood_lr is None else config.likelihood_lr
 
     def schedule(step: int) -> float:
         if step < config.steps:
