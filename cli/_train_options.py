@@ -155,7 +155,7 @@ PredictorResidualOption = Annotated[
 ]
 
 # --predictor-residual's choices, as the setting's value (None: automatic).
-RESIDUAL_CHOICES = {"auto": None, "on": True, "off": False}
+RESIDUAL_CHOICES = dict(zip(CHOICES["predictor_residual"], (None, True, False), strict=True))
 
 
 def residual_setting(choice: str | None) -> bool | None:
@@ -163,7 +163,8 @@ def residual_setting(choice: str | None) -> bool | None:
     if choice is None:
         return None
     if choice not in RESIDUAL_CHOICES:
-        raise ValueError(f"unknown predictor_residual {choice!r}; expected one of: auto, on, off.")
+        choices = ", ".join(RESIDUAL_CHOICES)
+        raise ValueError(f"unknown predictor_residual {choice!r}; expected one of: {choices}.")
     return RESIDUAL_CHOICES[choice]
 
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from .._checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
 from .._files import atomic_write_bytes, existing_directory_above, remove_stale_temporaries
 from ._config import TrainConfig, config_differences
+from ._settings import DATA_RESOLVED_MODEL_SETTINGS
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -69,12 +70,11 @@ def check_run_directory(run_dir: str, config: TrainConfig, resume: bool) -> None
         raise ValueError(
             f"cannot resume: {run_dir!r} is not empty and holds no nfdm-de run ({CONFIG_FILE})."
         )
-    # Settings resolved once the data are known (the labels' classes, the input octaves and the
-    # residual predictor by the dimension) take the stored values when left automatic; the data
-    # are checked after loading.
+    # Settings resolved once the data are known take the stored values when left automatic; the
+    # data are checked after loading.
     automatic = {
         name: getattr(stored.model, name)
-        for name in ("num_classes", "input_octaves", "predictor_residual")
+        for name in DATA_RESOLVED_MODEL_SETTINGS
         if getattr(config.model, name) is None
     }
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, **automatic))

@@ -56,6 +56,11 @@ AUTO_LIKELIHOOD_LR = (3e-3, 1e-2)
 AUTO_EXACT_TRACE_MAX_DIM = 4
 
 
+# The model settings that None leaves to be chosen from the data (the labels' classes, then the
+# predictor's input features and blocks by the dimension); a run directory stores them resolved.
+DATA_RESOLVED_MODEL_SETTINGS = ("num_classes", "input_octaves", "predictor_residual")
+
+
 # The predictor's Fourier input features (`ModelConfig.input_octaves=None`) by the data's
 # dimension D: (largest D, octaves), the first row with D <= its bound applies. The features are
 # sin/cos of each coordinate, so they help where the data's fine structure is aligned with the
